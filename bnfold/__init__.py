@@ -1,0 +1,8 @@
+"""bnfold: fold frozen BatchNormalization layers of ONNX models into the weights around them."""
+
+from .engine import FoldResult, fold_model
+from .report import Fold, FoldReport, Reason, Skip
+
+__version__ = "0.1.0"
+
+__all__ = ["Fold", "FoldReport", "FoldResult", "Reason", "Skip", "__version__", "fold_model"]

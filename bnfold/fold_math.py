@@ -1,0 +1,157 @@
+"""Pure numpy math of every fold: no ONNX, no graph.
+
+Every function takes float arrays of any dtype, computes in float64 and returns
+float64 results; :func:`round_to` rounds once to the target dtype and refuses
+values that are not finite or overflow it.  See ``FOLDING.md`` for the
+derivations.
+"""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+
+F64 = np.float64
+
+
+class FoldValueError(ValueError):
+    """A folded value is not finite or does not fit the target dtype."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def bn_affine(
+    gamma: np.ndarray, beta: np.ndarray, mean: np.ndarray, var: np.ndarray, eps: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Return ``(s, t)`` with ``BN(x) == s * x + t`` per channel, in float64."""
+    gamma, beta, mean, var = (np.asarray(a, dtype=F64) for a in (gamma, beta, mean, var))
+    # eps is a float32 attribute; onnxruntime adds it in float32 too.
+    s = gamma / np.sqrt(var + F64(np.float32(eps)))
+    t = beta - mean * s
+    return s, t
+
+
+def _bias(b: np.ndarray | None, n: int) -> np.ndarray:
+    return np.zeros(n, dtype=F64) if b is None else np.asarray(b, dtype=F64).reshape(n)
+
+
+def _expand(v: np.ndarray, ndim: int) -> np.ndarray:
+    """Shape a per-slice vector ``[n]`` (or ``[n, m]``) to broadcast over trailing axes."""
+    return v.reshape(v.shape + (1,) * (ndim - v.ndim))
+
+
+def fold_conv(
+    w: np.ndarray, b: np.ndarray | None, s: np.ndarray, t: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Affine after Conv: ``W[Cout, Cin/g, k...]``, scale output channel ``o`` by ``s[o]``.
+
+    The group does not matter: axis 0 of a Conv weight is always the output channel.
+    """
+    w = np.asarray(w, dtype=F64)
+    cout = w.shape[0]
+    return w * _expand(s, w.ndim), s * _bias(b, cout) + t
+
+
+def conv_transpose_channels(cin: int, cout_per_group: int, group: int) -> np.ndarray:
+    """Output channel of each ``(i, j)`` slot of a ConvTranspose weight ``[Cin, Cout/g, ...]``."""
+    i = np.arange(cin)[:, None]
+    j = np.arange(cout_per_group)[None, :]
+    return (i // (cin // group)) * cout_per_group + j
+
+
+def fold_conv_transpose(
+    w: np.ndarray, b: np.ndarray | None, s: np.ndarray, t: np.ndarray, group: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Affine after ConvTranspose: ``W[Cin, Cout/g, k...]``, channel ``(i//(Cin/g))*(Cout/g)+j``."""
+    w = np.asarray(w, dtype=F64)
+    cin, cpg = w.shape[0], w.shape[1]
+    scale = s[conv_transpose_channels(cin, cpg, group)]
+    return w * _expand(scale, w.ndim), s * _bias(b, cpg * group) + t
+
+
+def fold_gemm(
+    b_mat: np.ndarray,
+    c: np.ndarray | None,
+    s: np.ndarray,
+    t: np.ndarray,
+    trans_b: bool,
+    beta: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Affine after Gemm: scale column ``n`` of ``op(B)`` by ``s[n]``; new ``C = s*(beta*C) + t``.
+
+    The returned ``C`` goes with ``beta = 1``; ``alpha`` is unchanged.  ``C`` keeps
+    its broadcast shape when that already covers ``[N]`` (``[M, N]`` stays ``[M, N]``).
+    """
+    b_mat = np.asarray(b_mat, dtype=F64)
+    b_new = b_mat * (s[:, None] if trans_b else s[None, :])
+    if c is None:
+        return b_new, t.copy()
+    c64 = F64(beta) * np.asarray(c, dtype=F64)
+    return b_new, s * c64 + t
+
+
+def fold_matmul(
+    w: np.ndarray, bias: np.ndarray | None, s: np.ndarray, t: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Affine after ``MatMul(x, W[K, N])`` (and optional ``Add(bias)``) on a 2-D output."""
+    w = np.asarray(w, dtype=F64)
+    if bias is None:
+        return w * s[None, :], t.copy()
+    return w * s[None, :], s * np.asarray(bias, dtype=F64) + t
+
+
+def conv_input_channels(cout: int, cin_per_group: int, group: int) -> np.ndarray:
+    """Input channel read by each ``(o, i)`` slot of a Conv weight ``[Cout, Cin/g, ...]``."""
+    o = np.arange(cout)[:, None]
+    i = np.arange(cin_per_group)[None, :]
+    return (o // (cout // group)) * cin_per_group + i
+
+
+def fold_into_next_conv(
+    w: np.ndarray, b: np.ndarray | None, s: np.ndarray, t: np.ndarray, group: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Affine *before* an unpadded Conv: ``W'[o,i,k] = W[o,i,k]*s[c]``, ``b'[o] = b[o] + sum W*t[c]``."""
+    w = np.asarray(w, dtype=F64)
+    cout, cpg = w.shape[0], w.shape[1]
+    ch = conv_input_channels(cout, cpg, group)
+    w_new = w * _expand(s[ch], w.ndim)
+    shift = (w * _expand(t[ch], w.ndim)).reshape(cout, -1).sum(axis=1)
+    return w_new, _bias(b, cout) + shift
+
+
+def compose_affine(
+    s1: np.ndarray, t1: np.ndarray, s2: np.ndarray, t2: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(s2, t2) after (s1, t1)``: ``s2 * (s1 * x + t1) + t2``."""
+    return s1 * s2, s2 * t1 + t2
+
+
+def fold_into_bn(
+    gamma: np.ndarray, beta: np.ndarray, s: np.ndarray, t: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Affine after a BN: the BN keeps its statistics; ``gamma' = s*gamma``, ``beta' = s*beta + t``."""
+    return s * np.asarray(gamma, dtype=F64), s * np.asarray(beta, dtype=F64) + t
+
+
+def dtype_max(dtype: np.dtype) -> float:
+    """Largest finite value of a float dtype (float16, bfloat16, float32, float64)."""
+    # ml_dtypes (an onnx dependency) knows bfloat16 and the numpy floats alike.
+    return float(ml_dtypes.finfo(dtype).max)
+
+
+def round_to(x: np.ndarray, dtype: np.dtype, what: str = "value") -> np.ndarray:
+    """Round float64 ``x`` once to ``dtype``; raise :class:`FoldValueError` when it cannot hold it."""
+    x = np.asarray(x, dtype=F64)
+    if not np.all(np.isfinite(x)):
+        raise FoldValueError("non_finite", f"folded {what} is not finite")
+    limit = dtype_max(np.dtype(dtype))
+    biggest = float(np.max(np.abs(x))) if x.size else 0.0
+    out = x.astype(dtype)
+    if biggest > limit or not np.all(np.isfinite(out.astype(F64))):
+        raise FoldValueError(
+            "dtype_overflow",
+            f"folded {what} reaches {biggest:.3g}, beyond the {np.dtype(dtype).name} maximum {limit:.3g}",
+        )
+    return out

@@ -1,0 +1,402 @@
+"""A read-and-edit view of one ONNX graph: producers, consumers, constants, ranks.
+
+Structural edits (removing and inserting nodes) are queued and applied once by
+:meth:`GraphView.commit`, so node references stay valid while folds run.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from . import constants
+
+_MISSING = object()
+
+
+def subgraphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
+    """Graphs held in a node's attributes (If branches, Loop/Scan bodies)."""
+    for a in node.attribute:
+        if a.type == onnx.AttributeProto.GRAPH:
+            yield a.g
+        elif a.type == onnx.AttributeProto.GRAPHS:
+            yield from a.graphs
+
+
+def graph_reads(graph: onnx.GraphProto) -> set[str]:
+    """Every tensor name a graph (and its nested graphs) reads, including outer-scope names."""
+    names: set[str] = set()
+    for n in graph.node:
+        names.update(i for i in n.input if i)
+        for g in subgraphs(n):
+            names |= graph_reads(g)
+    names.update(o.name for o in graph.output)
+    return names
+
+
+@dataclass
+class ModelContext:
+    """Model-wide facts shared by the views of all graphs."""
+
+    opset: int
+    ir_version: int
+    base_dir: str | None = None
+    freeze_initializer_inputs: bool = False
+    value_types: dict[str, onnx.TypeProto] = field(default_factory=dict)
+    used_names: set[str] = field(default_factory=set)
+
+    def fresh_name(self, base: str) -> str:
+        """A tensor name not used anywhere in the model."""
+        name, k = base, 0
+        while name in self.used_names:
+            k += 1
+            name = f"{base}_{k}"
+        self.used_names.add(name)
+        return name
+
+
+class GraphView:
+    """Producers, consumers and constants of one graph, with queued edits."""
+
+    def __init__(
+        self, graph: onnx.GraphProto, ctx: ModelContext, outer: GraphView | None = None, path: str = "main"
+    ) -> None:
+        self.graph = graph
+        self.ctx = ctx
+        self.outer = outer
+        self.path = path
+        self.nodes: list[onnx.NodeProto] = list(graph.node)
+        self.position = {id(n): i for i, n in enumerate(self.nodes)}
+        self.producer: dict[str, onnx.NodeProto] = {}
+        self.consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+        for n in self.nodes:
+            for o in n.output:
+                if o:
+                    self.producer[o] = n
+            self._add_uses(n)
+        self.initializers = {t.name: t for t in graph.initializer}
+        self.inputs = {i.name for i in graph.input}
+        self.outputs = {o.name for o in graph.output}
+        self._cache: dict[str, object] = {}
+        self.removed: set[int] = set()
+        self.inserted: dict[int, list[onnx.NodeProto]] = defaultdict(list)
+        self.new_initializers: list[onnx.TensorProto] = []
+        self.dropped_initializers: set[str] = set()
+        self.disconnected: set[str] = set()
+        self.vanished: set[str] = set()
+
+    # ---- structure -------------------------------------------------------
+    def _add_uses(self, n: onnx.NodeProto) -> None:
+        for i in n.input:
+            if i:
+                self.consumers[i].append(n)
+        # A nested graph reading an outer name is a use by the enclosing node.
+        for g in subgraphs(n):
+            for name in graph_reads(g):
+                self.consumers[name].append(n)
+
+    def users(self, name: str) -> list[onnx.NodeProto]:
+        """Distinct live nodes reading ``name`` (directly or from a nested graph)."""
+        seen: dict[int, onnx.NodeProto] = {}
+        for n in self.consumers.get(name, ()):
+            if id(n) not in seen and self.position[id(n)] not in self.removed:
+                seen[id(n)] = n
+        return list(seen.values())
+
+    def is_graph_output(self, name: str) -> bool:
+        return name in self.outputs
+
+    def only_consumer(self, name: str, node: onnx.NodeProto) -> bool:
+        """True when ``node`` is the single reader of ``name`` and ``name`` is no graph output."""
+        return not self.is_graph_output(name) and [id(u) for u in self.users(name)] == [id(node)]
+
+    def producer_of(self, name: str) -> onnx.NodeProto | None:
+        n = self.producer.get(name)
+        if n is None or self.position[id(n)] in self.removed:
+            return None
+        return n
+
+    # ---- constants -------------------------------------------------------
+    def is_overridable(self, name: str) -> bool:
+        """An initializer that is also a graph input can be fed at run time (IR >= 4)."""
+        return (
+            name in self.inputs
+            and self.ctx.ir_version >= 4
+            and not self.ctx.freeze_initializer_inputs
+        )
+
+    def constant(self, name: str) -> np.ndarray | None:
+        """Value of ``name`` when it is a constant (initializer, Constant, constant subgraph)."""
+        if not name:
+            return None
+        hit = self._cache.get(name, _MISSING)
+        if hit is not _MISSING:
+            return hit  # type: ignore[return-value]
+        value = self._compute_constant(name)
+        self._cache[name] = value
+        return value
+
+    def _compute_constant(self, name: str) -> np.ndarray | None:
+        if name in self.initializers:
+            if self.is_overridable(name):
+                return None
+            return tensor_value(self.initializers[name], self.ctx.base_dir)
+        node = self.producer.get(name)
+        if node is None:
+            if name in self.inputs or self.outer is None:
+                return None
+            return self.outer.constant(name)
+        if node.op_type == "Constant":
+            return constants.evaluate(node, [], self.ctx.opset)
+        if node.op_type not in constants.EVALUATORS or list(node.output).index(name) != 0:
+            return None
+        values = []
+        for k, i in enumerate(node.input):
+            if not i:
+                values.append(None)
+                continue
+            if node.op_type in constants.SHAPE_ONLY and k == 0:
+                shape = self.static_shape(i)
+                v = np.empty(shape, dtype=np.uint8) if shape is not None else None
+            else:
+                v = self.constant(i)
+            if v is None:
+                return None
+            values.append(v)
+        return constants.evaluate(node, values, self.ctx.opset)
+
+    def static_shape(self, name: str) -> tuple[int, ...] | None:
+        """Fully known shape of a tensor (from a constant or from shape inference)."""
+        t = self.initializers.get(name)
+        if t is not None:
+            return tuple(t.dims)
+        c = self.constant(name)
+        if c is not None:
+            return c.shape
+        tp = self.ctx.value_types.get(name)
+        if tp is None or not tp.HasField("tensor_type") or not tp.tensor_type.HasField("shape"):
+            return None
+        dims = tp.tensor_type.shape.dim
+        if all(d.HasField("dim_value") for d in dims):
+            return tuple(d.dim_value for d in dims)
+        return None
+
+    def rank(self, name: str) -> int | None:
+        """Rank of a tensor from shape inference, or None."""
+        tp = self.ctx.value_types.get(name)
+        if tp is not None and tp.HasField("tensor_type") and tp.tensor_type.HasField("shape"):
+            return len(tp.tensor_type.shape.dim)
+        c = self.constant(name) if name in self.initializers or name in self.producer else None
+        return None if c is None else c.ndim
+
+    def tensor_dtype(self, name: str) -> int | None:
+        """ONNX element type of a tensor when known."""
+        t = self.initializers.get(name)
+        if t is not None:
+            return t.data_type
+        tp = self.ctx.value_types.get(name)
+        if tp is not None and tp.HasField("tensor_type") and tp.tensor_type.elem_type:
+            return tp.tensor_type.elem_type
+        return None
+
+    # ---- edits -----------------------------------------------------------
+    def remove(self, node: onnx.NodeProto) -> None:
+        """Queue ``node`` for removal; its inputs may become dead."""
+        self.removed.add(self.position[id(node)])
+        self.disconnected.update(i for i in node.input if i)
+
+    def set_input(self, node: onnx.NodeProto, index: int, name: str) -> None:
+        """Point input ``index`` of ``node`` at ``name`` (appending empty slots as needed)."""
+        while len(node.input) <= index:
+            node.input.append("")
+        old = node.input[index]
+        if old:
+            self.consumers[old] = [n for n in self.consumers[old] if n is not node]
+            self.disconnected.add(old)
+        node.input[index] = name
+        self.consumers[name].append(node)
+
+    def replace_inputs(self, node: onnx.NodeProto, names: list[str]) -> None:
+        """Give ``node`` a whole new input list (old inputs may become dead)."""
+        for old in node.input:
+            if old:
+                self.consumers[old] = [n for n in self.consumers[old] if n is not node]
+                self.disconnected.add(old)
+        del node.input[:]
+        node.input.extend(names)
+        for name in names:
+            if name:
+                self.consumers[name].append(node)
+
+    def vanish(self, name: str) -> None:
+        """Note that tensor ``name`` no longer exists (its value_info goes)."""
+        self.vanished.add(name)
+
+    def rename_output(self, node: onnx.NodeProto, index: int, name: str) -> None:
+        """Make ``node`` produce ``name`` (taking over a removed node's output)."""
+        self.producer.pop(node.output[index], None)
+        node.output[index] = name
+        self.producer[name] = node
+        self._cache.pop(name, None)
+
+    def add_constant(self, base: str, value: np.ndarray) -> str:
+        """Add a new initializer with a fresh name; return the name."""
+        name = self.ctx.fresh_name(base)
+        t = numpy_helper.from_array(value, name)
+        self.new_initializers.append(t)
+        self.initializers[name] = t
+        self._cache[name] = value
+        return name
+
+    def replace_constant(self, name: str, value: np.ndarray, base: str, reader: onnx.NodeProto) -> str:
+        """New value for a constant read by ``reader``.
+
+        Overwrites the initializer in place when ``reader`` is its only reader;
+        otherwise (shared, outer scope, Constant node, constant subgraph) adds a
+        private copy under a fresh name.
+        """
+        t = self.initializers.get(name)
+        if t is not None and self.only_consumer(name, reader) and name not in self.inputs:
+            t.CopyFrom(numpy_helper.from_array(value, name))
+            self._cache[name] = value
+            return name
+        return self.add_constant(base, value)
+
+    def insert_after(self, anchor: onnx.NodeProto, node: onnx.NodeProto) -> None:
+        """Queue ``node`` to go right after ``anchor``."""
+        self.inserted[self.position[id(anchor)]].append(node)
+
+    def live_nodes(self) -> Iterator[onnx.NodeProto]:
+        for i, n in enumerate(self.nodes):
+            if i not in self.removed:
+                yield n
+
+    def commit(self) -> None:
+        """Apply queued edits to the graph and drop constants nothing reads any more."""
+        self._remove_dead_constants()
+        self._drop_value_info()
+        for i in range(len(self.nodes) - 1, -1, -1):
+            for k, n in enumerate(self.inserted.get(i, ())):
+                self.graph.node.insert(i + 1 + k, n)
+            if i in self.removed:
+                del self.graph.node[i]
+        self.graph.initializer.extend(self.new_initializers)
+        if self.ctx.ir_version < 4:
+            # IR < 4 convention: every initializer is also listed as a graph input.
+            for t in self.new_initializers:
+                self.graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, t.dims))
+        self._drop_initializers()
+
+    def _remove_dead_constants(self) -> None:
+        """Remove Constant/constant-subgraph nodes and initializers that folds disconnected."""
+        work = list(self.disconnected)
+        while work:
+            name = work.pop()
+            if self.users(name) or self.is_graph_output(name):
+                continue
+            node = self.producer_of(name)
+            if node is not None:
+                if node.op_type != "Constant" and node.op_type not in constants.EVALUATORS:
+                    continue
+                if any(self.users(o) or self.is_graph_output(o) for o in node.output if o):
+                    continue
+                if self.constant(node.output[0]) is None and node.op_type != "Constant":
+                    continue
+                self.remove(node)
+                work.extend(i for i in node.input if i)
+            elif name in self.initializers:
+                self.dropped_initializers.add(name)
+
+    def _drop_initializers(self) -> None:
+        drop = self.dropped_initializers
+        if not drop:
+            return
+        for i in range(len(self.graph.initializer) - 1, -1, -1):
+            if self.graph.initializer[i].name in drop:
+                del self.graph.initializer[i]
+        # An initializer listed as a graph input goes with its input entry
+        # (nothing reads it; leaving the input would make it a required feed).
+        for i in range(len(self.graph.input) - 1, -1, -1):
+            if self.graph.input[i].name in drop:
+                del self.graph.input[i]
+        for i in range(len(self.graph.value_info) - 1, -1, -1):
+            if self.graph.value_info[i].name in drop:
+                del self.graph.value_info[i]
+
+    def _drop_value_info(self) -> None:
+        gone = self.vanished
+        for n in self.nodes:
+            if self.position[id(n)] in self.removed:
+                gone |= {o for o in n.output if o}
+        live = {o for n in self.live_nodes() for o in n.output}
+        gone -= live
+        if gone:
+            for i in range(len(self.graph.value_info) - 1, -1, -1):
+                if self.graph.value_info[i].name in gone:
+                    del self.graph.value_info[i]
+
+
+def tensor_value(t: onnx.TensorProto, base_dir: str | None) -> np.ndarray:
+    """numpy value of an initializer, reading external data from ``base_dir`` when needed."""
+    if t.data_location == onnx.TensorProto.EXTERNAL:
+        return numpy_helper.to_array(t, base_dir or os.getcwd())
+    return numpy_helper.to_array(t)
+
+
+def infer_value_types(model: onnx.ModelProto, max_inline: int = 1024) -> dict[str, onnx.TypeProto]:
+    """Types and shapes of every tensor that onnx shape inference can tell, by name.
+
+    Runs on a skeleton of the model (large initializers replaced by typed graph
+    inputs), so it works on models of any size without copying their weights.
+    Returns an empty dict when inference fails.
+    """
+    skeleton = onnx.ModelProto(ir_version=model.ir_version)
+    skeleton.opset_import.extend(model.opset_import)
+    skeleton.functions.extend(model.functions)
+    g, src = skeleton.graph, model.graph
+    g.name = src.name
+    g.node.extend(src.node)
+    g.input.extend(src.input)
+    g.output.extend(src.output)
+    g.value_info.extend(src.value_info)
+    listed = {i.name for i in src.input}
+    for t in src.initializer:
+        small = t.data_location != onnx.TensorProto.EXTERNAL and int(np.prod(t.dims)) <= max_inline
+        if small:
+            g.initializer.append(t)
+        elif t.name not in listed:
+            g.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    try:
+        inferred = onnx.shape_inference.infer_shapes(skeleton, check_type=False, strict_mode=False)
+    except Exception:
+        return {}
+    types: dict[str, onnx.TypeProto] = {}
+
+    def collect(graph: onnx.GraphProto) -> None:
+        for v in (*graph.input, *graph.output, *graph.value_info):
+            types.setdefault(v.name, v.type)
+        for n in graph.node:
+            for sg in subgraphs(n):
+                collect(sg)
+
+    collect(inferred.graph)
+    return types
+
+
+def all_names(graph: onnx.GraphProto) -> set[str]:
+    """Every tensor and node name in a graph and its nested graphs."""
+    names = {t.name for t in graph.initializer}
+    names.update(v.name for v in (*graph.input, *graph.output, *graph.value_info))
+    for n in graph.node:
+        names.update(n.input)
+        names.update(n.output)
+        names.add(n.name)
+        for g in subgraphs(n):
+            names |= all_names(g)
+    return names

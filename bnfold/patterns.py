@@ -1,0 +1,434 @@
+"""Fold patterns: each reads an affine node and its neighbour, then rewrites the graph.
+
+An *affine node* is a BatchNormalization in inference mode, or a Mul, Add, Sub
+or Div by a per-channel constant (frozen BN exported as arithmetic).  Each
+pattern is one function ``(view, affine, neighbour) -> pattern name`` that
+either rewrites the graph or raises :class:`Rejected` with a reason code, and
+one line in :data:`PRODUCER_FOLDS` or :data:`CONSUMER_FOLDS`.  The weight math
+lives in :mod:`bnfold.fold_math`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from . import fold_math as fm
+from .graph import GraphView
+from .report import Reason
+
+AFFINE_OPS = ("BatchNormalization", "Mul", "Add", "Sub", "Div")
+
+
+class Rejected(Exception):
+    """A pattern does not apply; carries the reason code and a sentence."""
+
+    def __init__(self, reason: Reason, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+@dataclass
+class Affine:
+    """``y = s * x + t`` per channel on axis 1 of ``data``; ``s``/``t`` are ``[C]`` or scalars."""
+
+    node: onnx.NodeProto
+    data: str
+    s: np.ndarray
+    t: np.ndarray
+
+    @property
+    def channels(self) -> int | None:
+        return self.s.shape[0] if self.s.ndim else (self.t.shape[0] if self.t.ndim else None)
+
+    def per_channel(self, c: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(s, t)`` as float64 ``[c]`` vectors, or Rejected when the channel counts differ."""
+        n = self.channels
+        if n is not None and n != c:
+            raise Rejected(Reason.SHAPE_MISMATCH, f"{n} channels against {c} in the target")
+        return np.broadcast_to(self.s, (c,)).astype(np.float64), np.broadcast_to(self.t, (c,)).astype(
+            np.float64
+        )
+
+    @property
+    def is_bn(self) -> bool:
+        return self.node.op_type == "BatchNormalization"
+
+
+def attr(node: onnx.NodeProto, name: str, default=None):
+    """Attribute value of ``node`` or ``default``."""
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+def set_attr(node: onnx.NodeProto, name: str, value) -> None:
+    """Set (or add) an attribute, keeping the others in place."""
+    for a in node.attribute:
+        if a.name == name:
+            a.CopyFrom(helper.make_attribute(name, value))
+            return
+    node.attribute.append(helper.make_attribute(name, value))
+
+
+def display_name(node: onnx.NodeProto) -> str:
+    """A node's name, or ``op(output)`` for unnamed nodes."""
+    return node.name or f"{node.op_type}({node.output[0] if node.output else '?'})"
+
+
+# ---------------------------------------------------------------------------
+# Reading affine nodes
+# ---------------------------------------------------------------------------
+
+
+def read_bn(view: GraphView, node: onnx.NodeProto) -> Affine:
+    """The ``(s, t)`` of an inference-mode BatchNormalization, or Rejected."""
+    opset = view.ctx.opset
+    if attr(node, "training_mode", 0) or (opset < 7 and not attr(node, "is_test", 0)):
+        raise Rejected(Reason.TRAINING_MODE, "training mode is set")
+    if any(o and (view.users(o) or view.is_graph_output(o)) for o in node.output[1:]):
+        raise Rejected(Reason.TRAINING_MODE, "its running or saved statistics outputs are used")
+    if opset < 9 and attr(node, "spatial", 1) == 0:
+        raise Rejected(Reason.SPATIAL, "spatial=0: statistics are per activation, not per channel")
+    if len(node.input) < 5:
+        raise Rejected(Reason.INVALID_PARAMS, "it has fewer than five inputs")
+    params = [view.constant(n) for n in node.input[1:5]]
+    names = ("scale", "bias", "mean", "var")
+    for nm, p, src in zip(names, params, node.input[1:5], strict=True):
+        if p is None:
+            raise Rejected(Reason.NON_CONSTANT_PARAMS, f"its {nm} '{src}' is not a constant")
+        if p.dtype.kind not in "fV" and not str(p.dtype) == "bfloat16":
+            raise Rejected(Reason.INVALID_PARAMS, f"its {nm} has dtype {p.dtype}")
+    if any(p.ndim != 1 for p in params) or len({p.shape for p in params}) != 1:
+        shapes = ", ".join(f"{nm}{list(p.shape)}" for nm, p in zip(names, params, strict=True))
+        raise Rejected(Reason.INVALID_PARAMS, f"parameters must be 1-D of one length: {shapes}")
+    gamma, beta, mean, var = (p.astype(np.float64) for p in params)
+    if not np.all(np.isfinite(np.concatenate([gamma, beta, mean, var]))):
+        raise Rejected(Reason.INVALID_PARAMS, "a parameter is NaN or infinite")
+    if np.any(var < 0):
+        raise Rejected(Reason.INVALID_PARAMS, "the running variance is negative")
+    s, t = fm.bn_affine(gamma, beta, mean, var, attr(node, "epsilon", 1e-5))
+    return Affine(node, node.input[0], s, t)
+
+
+def data_rank(view: GraphView, name: str) -> int | None:
+    """Rank of ``name`` from shape inference, else from the op that makes it."""
+    r = view.rank(name)
+    if r is not None:
+        return r
+    p = view.producer_of(name)
+    if p is None:
+        return None
+    if p.op_type in ("Conv", "ConvTranspose"):
+        w = view.static_shape(p.input[1])
+        return None if w is None else len(w)
+    if p.op_type == "Gemm":
+        return 2
+    if p.op_type in AFFINE_OPS and p.input:
+        return data_rank(view, p.input[0])
+    return None
+
+
+def read_arith(view: GraphView, node: onnx.NodeProto) -> Affine | None:
+    """A Mul/Add/Sub/Div with one per-channel float constant as an affine map, else None."""
+    if len(node.input) != 2:
+        return None
+    consts = [view.constant(i) for i in node.input]
+    if (consts[0] is None) == (consts[1] is None):
+        return None
+    k = 0 if consts[0] is not None else 1
+    c, data = consts[k], node.input[1 - k]
+    if c.dtype.kind != "f" and str(c.dtype) != "bfloat16":
+        return None
+    if node.op_type == "Div" and k == 0:
+        return None  # c / x is not affine
+    rank = data_rank(view, data)
+    if rank is None or rank < 2 or c.ndim > rank:
+        return None
+    shape = (1,) * (rank - c.ndim) + c.shape
+    if any(d != 1 for i, d in enumerate(shape) if i != 1):
+        return None  # varies over batch or spatial positions
+    v = c.astype(np.float64).reshape(-1) if shape[1] > 1 else np.float64(c.reshape(-1)[0])
+    v = np.asarray(v)
+    one, zero = np.ones_like(v), np.zeros_like(v)
+    op = node.op_type
+    if op == "Mul":
+        s, t = v, zero
+    elif op == "Add":
+        s, t = one, v
+    elif op == "Sub":
+        s, t = (one, -v) if k == 1 else (-one, v)
+    else:
+        if np.any(v == 0):
+            return None
+        s, t = 1.0 / v, zero
+    return Affine(node, data, s, t)
+
+
+def read_affine(view: GraphView, node: onnx.NodeProto) -> Affine | None:
+    """The affine map of a candidate node; None when it is not one (Rejected for BN)."""
+    if node.op_type == "BatchNormalization" and node.domain in ("", "ai.onnx"):
+        return read_bn(view, node)
+    if node.op_type in AFFINE_OPS[1:] and node.domain in ("", "ai.onnx"):
+        return read_arith(view, node)
+    return None
+
+
+# ---------------------------------------------------------------------------
+# Helpers shared by the rewrites
+# ---------------------------------------------------------------------------
+
+
+def const_input(view: GraphView, node: onnx.NodeProto, index: int, what: str) -> np.ndarray | None:
+    """Constant value of an optional input; Rejected when present but not constant."""
+    if len(node.input) <= index or not node.input[index]:
+        return None
+    v = view.constant(node.input[index])
+    if v is None:
+        raise Rejected(
+            Reason.NON_CONSTANT_WEIGHT, f"the {what} '{node.input[index]}' of {node.op_type} is not a constant"
+        )
+    if v.dtype.kind != "f" and str(v.dtype) != "bfloat16":
+        raise Rejected(Reason.NON_CONSTANT_WEIGHT, f"the {what} of {node.op_type} has dtype {v.dtype}")
+    return v
+
+
+def rounded(x: np.ndarray, dtype: np.dtype, what: str) -> np.ndarray:
+    """Round once to ``dtype``; turn overflow into Rejected."""
+    try:
+        return fm.round_to(x, dtype, what)
+    except fm.FoldValueError as e:
+        reason = Reason.DTYPE_OVERFLOW if e.code == "dtype_overflow" else Reason.NON_FINITE
+        raise Rejected(reason, str(e)) from None
+
+
+def write_input(
+    view: GraphView, node: onnx.NodeProto, index: int, value: np.ndarray, base: str
+) -> None:
+    """Give ``node`` a new constant at ``index`` (private copy when shared)."""
+    old = node.input[index] if len(node.input) > index else ""
+    name = view.replace_constant(old, value, base, node) if old else view.add_constant(base, value)
+    if name != old:
+        view.set_input(node, index, name)
+
+
+def splice_out(view: GraphView, aff: Affine, target: onnx.NodeProto) -> None:
+    """Remove the affine node; ``target`` takes over its output name."""
+    view.remove(aff.node)
+    view.vanish(target.output[0])
+    view.rename_output(target, 0, aff.node.output[0])
+
+
+def require_private_output(view: GraphView, aff: Affine, producer: onnx.NodeProto) -> None:
+    """The producer's output must feed only the affine node."""
+    out = producer.output[0]
+    if out != aff.data:
+        raise Rejected(
+            Reason.UNSUPPORTED_PRODUCER, f"it reads output '{aff.data}' of {producer.op_type}, not the first"
+        )
+    if view.is_graph_output(out):
+        raise Rejected(Reason.GRAPH_OUTPUT, f"'{out}' from {display_name(producer)} is a graph output")
+    if not view.only_consumer(out, aff.node):
+        raise Rejected(Reason.OUTPUT_SHARED, f"'{out}' from {display_name(producer)} has other consumers")
+
+
+def weight(view: GraphView, node: onnx.NodeProto, index: int = 1) -> np.ndarray:
+    """A node's constant weight input; Rejected when missing or not constant."""
+    w = const_input(view, node, index, "weight")
+    if w is None:
+        raise Rejected(Reason.NON_CONSTANT_WEIGHT, f"{node.op_type} has no weight input")
+    return w
+
+
+# ---------------------------------------------------------------------------
+# Folds into the producer (affine after the op)
+# ---------------------------------------------------------------------------
+
+
+def into_conv(view: GraphView, aff: Affine, conv: onnx.NodeProto) -> str:
+    """Affine after Conv: scale output channels, fold the shift into the bias."""
+    w = weight(view, conv)
+    b = const_input(view, conv, 2, "bias")
+    group = attr(conv, "group", 1)
+    if w.ndim < 3 or w.shape[0] % group:
+        raise Rejected(Reason.SHAPE_MISMATCH, f"Conv weight {list(w.shape)} does not fit group={group}")
+    s, t = aff.per_channel(w.shape[0])
+    w2, b2 = fm.fold_conv(w, b, s, t)
+    w2, b2 = rounded(w2, w.dtype, "weight"), rounded(b2, w.dtype, "bias")
+    write_input(view, conv, 1, w2, f"{conv.input[1]}_bnfold")
+    write_input(view, conv, 2, b2, f"{display_name(conv)}_bias_bnfold")
+    splice_out(view, aff, conv)
+    return "Conv+" + aff.node.op_type
+
+
+def into_conv_transpose(view: GraphView, aff: Affine, conv: onnx.NodeProto) -> str:
+    """Affine after ConvTranspose: weight ``[Cin, Cout/g, k...]``."""
+    w = weight(view, conv)
+    b = const_input(view, conv, 2, "bias")
+    group = attr(conv, "group", 1)
+    if w.ndim < 3 or w.shape[0] % group:
+        raise Rejected(Reason.SHAPE_MISMATCH, f"ConvTranspose weight {list(w.shape)} does not fit group={group}")
+    s, t = aff.per_channel(w.shape[1] * group)
+    w2, b2 = fm.fold_conv_transpose(w, b, s, t, group)
+    w2, b2 = rounded(w2, w.dtype, "weight"), rounded(b2, w.dtype, "bias")
+    write_input(view, conv, 1, w2, f"{conv.input[1]}_bnfold")
+    write_input(view, conv, 2, b2, f"{display_name(conv)}_bias_bnfold")
+    splice_out(view, aff, conv)
+    return "ConvTranspose+" + aff.node.op_type
+
+
+def into_gemm(view: GraphView, aff: Affine, gemm: onnx.NodeProto) -> str:
+    """Affine after Gemm: scale the output columns of ``op(B)``; new ``C``, ``beta = 1``."""
+    b = weight(view, gemm)
+    c = const_input(view, gemm, 2, "C")
+    trans_b = bool(attr(gemm, "transB", 0))
+    if b.ndim != 2:
+        raise Rejected(Reason.SHAPE_MISMATCH, f"Gemm B has shape {list(b.shape)}")
+    s, t = aff.per_channel(b.shape[0] if trans_b else b.shape[1])
+    b2, c2 = fm.fold_gemm(b, c, s, t, trans_b, attr(gemm, "beta", 1.0))
+    b2, c2 = rounded(b2, b.dtype, "weight"), rounded(c2, b.dtype, "bias")
+    write_input(view, gemm, 1, b2, f"{gemm.input[1]}_bnfold")
+    write_input(view, gemm, 2, c2, f"{display_name(gemm)}_C_bnfold")
+    set_attr(gemm, "beta", 1.0)
+    splice_out(view, aff, gemm)
+    return "Gemm+" + aff.node.op_type
+
+
+def _matmul_weight(view: GraphView, mm: onnx.NodeProto) -> np.ndarray:
+    w = weight(view, mm)
+    if w.ndim != 2:
+        raise Rejected(Reason.SHAPE_MISMATCH, f"MatMul weight has shape {list(w.shape)}, not [K, N]")
+    rank = data_rank(view, mm.input[0])
+    if rank is None:
+        raise Rejected(Reason.UNKNOWN_RANK, "the rank of the MatMul input is unknown")
+    if rank != 2:
+        raise Rejected(Reason.SHAPE_MISMATCH, f"MatMul output is {rank}-D: BN's channel axis is not N")
+    return w
+
+
+def into_matmul(view: GraphView, aff: Affine, mm: onnx.NodeProto) -> str:
+    """Affine after ``MatMul(x, W)`` with a 2-D output: scale W's columns, then add the shift."""
+    kind = aff.node.op_type
+    w = _matmul_weight(view, mm)
+    s, t = aff.per_channel(w.shape[1])
+    if not aff.is_bn and np.all(s == 1):
+        raise Rejected(Reason.UNSUPPORTED_PRODUCER, "a bias Add after MatMul is already minimal")
+    w2, t2 = fm.fold_matmul(w, None, s, t)
+    w2 = rounded(w2, w.dtype, "weight")
+    t2 = rounded(t2, w.dtype, "bias")
+    write_input(view, mm, 1, w2, f"{mm.input[1]}_bnfold")
+    if np.any(t2 != 0):
+        # The affine node becomes the bias Add, in its own place in the graph.
+        node = aff.node
+        out = node.output[0]
+        tname = view.add_constant(f"{display_name(mm)}_bias_bnfold", t2)
+        view.replace_inputs(node, [aff.data, tname])
+        for extra in node.output[1:]:
+            view.vanish(extra)
+        del node.output[:]
+        node.output.append(out)
+        del node.attribute[:]
+        node.op_type, node.domain = "Add", ""
+    else:
+        splice_out(view, aff, mm)
+    return "MatMul+" + kind
+
+
+def into_matmul_add(view: GraphView, aff: Affine, add: onnx.NodeProto) -> str:
+    """Affine after ``MatMul(x, W) + bias``: scale W's columns, fold into the bias."""
+    if len(add.input) != 2:
+        raise Rejected(Reason.UNSUPPORTED_PRODUCER, "Add with other than two inputs")
+    k = 1 if view.constant(add.input[1]) is not None else 0
+    bias, x = view.constant(add.input[k]), add.input[1 - k]
+    mm = view.producer_of(x)
+    if bias is None or mm is None or mm.op_type != "MatMul":
+        raise Rejected(Reason.UNSUPPORTED_PRODUCER, "its input comes from an Add that is not a MatMul bias")
+    if not view.only_consumer(x, add):
+        raise Rejected(Reason.OUTPUT_SHARED, f"the MatMul output '{x}' has other consumers")
+    w = _matmul_weight(view, mm)
+    n = w.shape[1]
+    if bias.size not in (1, n) or bias.ndim > 2 or (bias.ndim == 2 and bias.shape[0] != 1):
+        raise Rejected(Reason.NOT_PER_CHANNEL, f"the MatMul bias has shape {list(bias.shape)}")
+    s, t = aff.per_channel(n)
+    w2, b2 = fm.fold_matmul(w, np.broadcast_to(bias.reshape(-1), (n,)), s, t)
+    w2, b2 = rounded(w2, w.dtype, "weight"), rounded(b2, bias.dtype, "bias")
+    write_input(view, mm, 1, w2, f"{mm.input[1]}_bnfold")
+    write_input(view, add, k, b2, f"{display_name(add)}_bias_bnfold")
+    splice_out(view, aff, add)
+    return "MatMul+Add+" + aff.node.op_type
+
+
+def into_bn(view: GraphView, aff: Affine, bn: onnx.NodeProto) -> str:
+    """Affine after an inference BN that stays: fold into its scale and bias."""
+    if aff.is_bn:
+        raise Rejected(Reason.UNSUPPORTED_PRODUCER, "BN after BN is folded only into a weighted op")
+    read_bn(view, bn)  # the BN itself must be a valid inference BN
+    gamma, beta = view.constant(bn.input[1]), view.constant(bn.input[2])
+    s, t = aff.per_channel(gamma.shape[0])
+    g2, b2 = fm.fold_into_bn(gamma, beta, s, t)
+    g2, b2 = rounded(g2, gamma.dtype, "scale"), rounded(b2, beta.dtype, "bias")
+    write_input(view, bn, 1, g2, f"{bn.input[1]}_bnfold")
+    write_input(view, bn, 2, b2, f"{bn.input[2]}_bnfold")
+    splice_out(view, aff, bn)
+    return "BatchNormalization+" + aff.node.op_type
+
+
+# ---------------------------------------------------------------------------
+# Folds into the consumer (affine before an unpadded Conv)
+# ---------------------------------------------------------------------------
+
+
+def conv_pads_nothing(conv: onnx.NodeProto) -> bool:
+    """True when the Conv reads no padded zeros."""
+    auto_pad = attr(conv, "auto_pad", b"NOTSET")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+    if auto_pad not in ("NOTSET", "VALID"):
+        return False
+    return auto_pad == "VALID" or not any(attr(conv, "pads", []) or [])
+
+
+def into_next_conv(view: GraphView, aff: Affine, conv: onnx.NodeProto) -> str:
+    """Affine before an unpadded Conv: ``W' = W * s[c]``, ``b' = b + sum W * t[c]``."""
+    out = aff.node.output[0]
+    if list(conv.input).index(out) != 0 or not view.only_consumer(out, conv):
+        raise Rejected(Reason.OUTPUT_SHARED, "its output has other consumers than the Conv")
+    w = weight(view, conv)
+    b = const_input(view, conv, 2, "bias")
+    group = attr(conv, "group", 1)
+    if not conv_pads_nothing(conv):
+        raise Rejected(Reason.PADDED_CONSUMER, f"the following Conv {display_name(conv)} pads its input")
+    if w.ndim < 3 or w.shape[0] % group:
+        raise Rejected(Reason.SHAPE_MISMATCH, f"Conv weight {list(w.shape)} does not fit group={group}")
+    s, t = aff.per_channel(w.shape[1] * group)
+    w2, b2 = fm.fold_into_next_conv(w, b, s, t, group)
+    w2, b2 = rounded(w2, w.dtype, "weight"), rounded(b2, w.dtype, "bias")
+    write_input(view, conv, 1, w2, f"{conv.input[1]}_bnfold")
+    write_input(view, conv, 2, b2, f"{display_name(conv)}_bias_bnfold")
+    view.remove(aff.node)
+    view.vanish(out)
+    view.set_input(conv, 0, aff.data)
+    return aff.node.op_type + "+Conv"
+
+
+Fold = Callable[[GraphView, Affine, onnx.NodeProto], str]
+
+# op type of the node that makes the affine node's input -> fold
+PRODUCER_FOLDS: dict[str, Fold] = {
+    "Conv": into_conv,
+    "ConvTranspose": into_conv_transpose,
+    "Gemm": into_gemm,
+    "MatMul": into_matmul,
+    "Add": into_matmul_add,
+    "BatchNormalization": into_bn,
+}
+
+# op type of the single node that reads the affine node's output -> fold
+CONSUMER_FOLDS: dict[str, Fold] = {
+    "Conv": into_next_conv,
+}

@@ -1,0 +1,115 @@
+"""Fold decisions as data: what was folded, what was left and why.
+
+The text summary, the JSON report and the tests all read these records.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+
+
+class Reason(str, Enum):
+    """Why a BatchNormalization was left alone (stable codes, used in JSON and tests)."""
+
+    TRAINING_MODE = "training_mode"
+    SPATIAL = "spatial_0"
+    NON_CONSTANT_PARAMS = "non_constant_parameters"
+    INVALID_PARAMS = "invalid_parameters"
+    NON_CONSTANT_WEIGHT = "non_constant_weight"
+    OUTPUT_SHARED = "producer_output_shared"
+    GRAPH_OUTPUT = "producer_output_is_graph_output"
+    SHAPE_MISMATCH = "shape_mismatch"
+    UNKNOWN_RANK = "unknown_rank"
+    NON_FINITE = "non_finite"
+    DTYPE_OVERFLOW = "dtype_overflow"
+    UNSUPPORTED_PRODUCER = "unsupported_producer"
+    PADDED_CONSUMER = "padded_consumer"
+    NOT_PER_CHANNEL = "not_per_channel"
+
+
+REASON_TEXT: dict[Reason, str] = {
+    Reason.TRAINING_MODE: "the BN runs in training mode",
+    Reason.SPATIAL: "spatial=0: statistics are per activation, not per channel",
+    Reason.NON_CONSTANT_PARAMS: "a BN parameter is not a constant",
+    Reason.INVALID_PARAMS: "the BN parameters are invalid",
+    Reason.NON_CONSTANT_WEIGHT: "the weight or bias it would fold into is not a constant",
+    Reason.OUTPUT_SHARED: "the producer's output has another consumer",
+    Reason.GRAPH_OUTPUT: "the producer's output is a graph output",
+    Reason.SHAPE_MISMATCH: "shapes do not line up",
+    Reason.UNKNOWN_RANK: "the rank of the tensor is unknown",
+    Reason.NON_FINITE: "the folded values would not be finite",
+    Reason.DTYPE_OVERFLOW: "the folded values would overflow the weight dtype",
+    Reason.UNSUPPORTED_PRODUCER: "nothing next to it can absorb it",
+    Reason.PADDED_CONSUMER: "the following Conv pads its input (padded zeros are not normalized)",
+    Reason.NOT_PER_CHANNEL: "the constant is not per-channel",
+}
+
+
+@dataclass(frozen=True)
+class Fold:
+    """One affine node (BN, or Mul/Add/Sub/Div by a constant) folded into ``target``."""
+
+    node: str
+    op_type: str
+    target: str
+    target_op: str
+    pattern: str
+    graph: str = "main"
+
+
+@dataclass(frozen=True)
+class Skip:
+    """One BatchNormalization left in the model, with a reason code and a sentence."""
+
+    node: str
+    reason: Reason
+    message: str
+    graph: str = "main"
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["reason"] = self.reason.value
+        return d
+
+
+@dataclass
+class FoldReport:
+    """Every decision of one :func:`bnfold.fold_model` run."""
+
+    bn_count: int = 0
+    folds: list[Fold] = field(default_factory=list)
+    skips: list[Skip] = field(default_factory=list)
+    nodes_before: int = 0
+    nodes_after: int = 0
+
+    @property
+    def bn_folded(self) -> int:
+        """Number of BatchNormalization nodes folded away."""
+        return sum(1 for f in self.folds if f.op_type == "BatchNormalization")
+
+    def to_dict(self) -> dict:
+        """JSON-ready form."""
+        return {
+            "bn_found": self.bn_count,
+            "bn_folded": self.bn_folded,
+            "bn_left": len(self.skips),
+            "nodes_before": self.nodes_before,
+            "nodes_after": self.nodes_after,
+            "folds": [asdict(f) for f in self.folds],
+            "skips": [s.to_dict() for s in self.skips],
+        }
+
+    def summary_lines(self) -> list[str]:
+        """Short human summary: counts, then one line per BN left."""
+        other = len(self.folds) - self.bn_folded
+        lines = [
+            f"BatchNormalization: {self.bn_count} found, {self.bn_folded} folded, "
+            f"{len(self.skips)} left"
+            + (f"; {other} other affine op(s) folded" if other else ""),
+            f"nodes: {self.nodes_before} -> {self.nodes_after}",
+        ]
+        for s in self.skips:
+            where = "" if s.graph == "main" else f" (in {s.graph})"
+            lines.append(f"  left {s.node}{where}: {s.reason.value}: {s.message}")
+        return lines
