@@ -79,9 +79,7 @@ def fold_model(
         value_types=infer_value_types(out),
         used_names=all_names(out.graph),
     )
-    report = FoldReport(
-        bn_count=count_nodes(out.graph, "BatchNormalization"), nodes_before=count_nodes(out.graph)
-    )
+    report = FoldReport(bn_count=count_nodes(out.graph, "BatchNormalization"), nodes_before=count_nodes(out.graph))
     _fold_graph(out.graph, ctx, None, "main", report)
     report.nodes_after = count_nodes(out.graph)
     return FoldResult(out, report)
@@ -161,6 +159,4 @@ def _fold_one(view: GraphView, aff: Affine) -> tuple[str, onnx.NodeProto]:
         raise rejections[0]
     before = producer.op_type if producer is not None else "a graph input"
     after = ", ".join(sorted({u.op_type for u in users})) or "nothing"
-    raise Rejected(
-        Reason.UNSUPPORTED_PRODUCER, f"its input comes from {before} and its output goes to {after}"
-    )
+    raise Rejected(Reason.UNSUPPORTED_PRODUCER, f"its input comes from {before} and its output goes to {after}")

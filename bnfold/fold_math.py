@@ -42,9 +42,7 @@ def _expand(v: np.ndarray, ndim: int) -> np.ndarray:
     return v.reshape(v.shape + (1,) * (ndim - v.ndim))
 
 
-def fold_conv(
-    w: np.ndarray, b: np.ndarray | None, s: np.ndarray, t: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
+def fold_conv(w: np.ndarray, b: np.ndarray | None, s: np.ndarray, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Affine after Conv: ``W[Cout, Cin/g, k...]``, scale output channel ``o`` by ``s[o]``.
 
     The group does not matter: axis 0 of a Conv weight is always the output channel.
@@ -92,9 +90,7 @@ def fold_gemm(
     return b_new, s * c64 + t
 
 
-def fold_matmul(
-    w: np.ndarray, bias: np.ndarray | None, s: np.ndarray, t: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
+def fold_matmul(w: np.ndarray, bias: np.ndarray | None, s: np.ndarray, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Affine after ``MatMul(x, W[K, N])`` (and optional ``Add(bias)``) on a 2-D output."""
     w = np.asarray(w, dtype=F64)
     if bias is None:
@@ -121,16 +117,12 @@ def fold_into_next_conv(
     return w_new, _bias(b, cout) + shift
 
 
-def compose_affine(
-    s1: np.ndarray, t1: np.ndarray, s2: np.ndarray, t2: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
+def compose_affine(s1: np.ndarray, t1: np.ndarray, s2: np.ndarray, t2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``(s2, t2) after (s1, t1)``: ``s2 * (s1 * x + t1) + t2``."""
     return s1 * s2, s2 * t1 + t2
 
 
-def fold_into_bn(
-    gamma: np.ndarray, beta: np.ndarray, s: np.ndarray, t: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
+def fold_into_bn(gamma: np.ndarray, beta: np.ndarray, s: np.ndarray, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Affine after a BN: the BN keeps its statistics; ``gamma' = s*gamma``, ``beta' = s*beta + t``."""
     return s * np.asarray(gamma, dtype=F64), s * np.asarray(beta, dtype=F64) + t
 

@@ -125,11 +125,7 @@ class GraphView:
     # ---- constants -------------------------------------------------------
     def is_overridable(self, name: str) -> bool:
         """An initializer that is also a graph input can be fed at run time (IR >= 4)."""
-        return (
-            name in self.inputs
-            and self.ctx.ir_version >= 4
-            and not self.ctx.freeze_initializer_inputs
-        )
+        return name in self.inputs and self.ctx.ir_version >= 4 and not self.ctx.freeze_initializer_inputs
 
     def constant(self, name: str) -> np.ndarray | None:
         """Value of ``name`` when it is a constant (initializer, Constant, constant subgraph)."""

@@ -51,9 +51,7 @@ class Affine:
         n = self.channels
         if n is not None and n != c:
             raise Rejected(Reason.SHAPE_MISMATCH, f"{n} channels against {c} in the target")
-        return np.broadcast_to(self.s, (c,)).astype(np.float64), np.broadcast_to(self.t, (c,)).astype(
-            np.float64
-        )
+        return np.broadcast_to(self.s, (c,)).astype(np.float64), np.broadcast_to(self.t, (c,)).astype(np.float64)
 
     @property
     def is_bn(self) -> bool:
@@ -208,9 +206,7 @@ def rounded(x: np.ndarray, dtype: np.dtype, what: str) -> np.ndarray:
         raise Rejected(reason, str(e)) from None
 
 
-def write_input(
-    view: GraphView, node: onnx.NodeProto, index: int, value: np.ndarray, base: str
-) -> None:
+def write_input(view: GraphView, node: onnx.NodeProto, index: int, value: np.ndarray, base: str) -> None:
     """Give ``node`` a new constant at ``index`` (private copy when shared)."""
     old = node.input[index] if len(node.input) > index else ""
     name = view.replace_constant(old, value, base, node) if old else view.add_constant(base, value)

@@ -105,8 +105,7 @@ class FoldReport:
         other = len(self.folds) - self.bn_folded
         lines = [
             f"BatchNormalization: {self.bn_count} found, {self.bn_folded} folded, "
-            f"{len(self.skips)} left"
-            + (f"; {other} other affine op(s) folded" if other else ""),
+            f"{len(self.skips)} left" + (f"; {other} other affine op(s) folded" if other else ""),
             f"nodes: {self.nodes_before} -> {self.nodes_after}",
         ]
         for s in self.skips:

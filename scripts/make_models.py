@@ -1,6 +1,6 @@
 """Build the small, seeded sample models in ``models/`` (committed; the README uses them).
 
-    python scripts/make_models.py [--out models]
+python scripts/make_models.py [--out models]
 """
 
 from __future__ import annotations
@@ -52,8 +52,11 @@ def _model(graph: onnx.GraphProto) -> onnx.ModelProto:
 def resnet_block(rng: np.random.Generator) -> onnx.ModelProto:
     """Conv+BN+ReLU, Conv+BN, residual Add, ReLU (a ResNet basic block), then a 1x1 Conv+BN head."""
     c = 16
-    inits = [_w(rng, "conv1.weight", (c, c, 3, 3)), _w(rng, "conv2.weight", (c, c, 3, 3)),
-             _w(rng, "head.weight", (8, c, 1, 1))]
+    inits = [
+        _w(rng, "conv1.weight", (c, c, 3, 3)),
+        _w(rng, "conv2.weight", (c, c, 3, 3)),
+        _w(rng, "head.weight", (8, c, 1, 1)),
+    ]
     inits += _bn_params(rng, "bn1", c) + _bn_params(rng, "bn2", c) + _bn_params(rng, "head_bn", 8)
     nodes = [
         helper.make_node("Conv", ["input", "conv1.weight"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
@@ -67,7 +70,8 @@ def resnet_block(rng: np.random.Generator) -> onnx.ModelProto:
         _bn("head_bn", "c3", "output"),
     ]
     g = helper.make_graph(
-        nodes, "resnet_block",
+        nodes,
+        "resnet_block",
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", c, 32, 32])],
         [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", 8, 32, 32])],
         inits,
@@ -85,16 +89,26 @@ def convtranspose_decoder(rng: np.random.Generator) -> onnx.ModelProto:
     ]
     inits += _bn_params(rng, "bn1", cmid) + _bn_params(rng, "bn2", cout)
     nodes = [
-        helper.make_node("ConvTranspose", ["input", "up1.weight", "up1.bias"], ["u1"], name="up1",
-                         strides=[2, 2], pads=[1, 1, 1, 1]),
+        helper.make_node(
+            "ConvTranspose", ["input", "up1.weight", "up1.bias"], ["u1"], name="up1", strides=[2, 2], pads=[1, 1, 1, 1]
+        ),
         _bn("bn1", "u1", "b1"),
         helper.make_node("Relu", ["b1"], ["r1"], name="relu1"),
-        helper.make_node("ConvTranspose", ["r1", "up2.weight"], ["u2"], name="up2",
-                         strides=[2, 2], pads=[1, 1, 1, 1], output_padding=[1, 1], group=g2),
+        helper.make_node(
+            "ConvTranspose",
+            ["r1", "up2.weight"],
+            ["u2"],
+            name="up2",
+            strides=[2, 2],
+            pads=[1, 1, 1, 1],
+            output_padding=[1, 1],
+            group=g2,
+        ),
         _bn("bn2", "u2", "output"),
     ]
     g = helper.make_graph(
-        nodes, "convtranspose_decoder",
+        nodes,
+        "convtranspose_decoder",
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", cin, 8, 8])],
         [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", cout, 32, 32])],
         inits,
@@ -125,7 +139,8 @@ def mlp_bn(rng: np.random.Generator) -> onnx.ModelProto:
         _bn("bn3", "f3", "output"),
     ]
     g = helper.make_graph(
-        nodes, "mlp_bn",
+        nodes,
+        "mlp_bn",
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", k])],
         [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", n])],
         inits,
