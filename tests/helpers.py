@@ -56,3 +56,16 @@ def assert_same_outputs(
 
 def op_count(model: onnx.ModelProto, op_type: str) -> int:
     return sum(1 for n in model.graph.node if n.op_type == op_type)
+
+
+def run_cli(*args: str, cwd: str | None = None, timeout: float = 300):
+    """Run ``python -m bnfold ARGS`` in a real subprocess (bnfold importable from this checkout)."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run(
+        [sys.executable, "-m", "bnfold", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout
+    )
