@@ -1,70 +1,328 @@
-"""The ``bnfold`` command line: a thin layer over :func:`bnfold.fold_model`."""
+"""The ``bnfold`` command line: a thin layer over :mod:`bnfold.runner`.
+
+Results go to stdout (or one JSON document with ``--json``); progress, logs and
+errors go to stderr.  Every command exits with a code from one table
+(:data:`bnfold.errors.EXIT_CODE_TABLE`).
+"""
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import sys
-import traceback
+import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from typing import Any
 
 import click
 
-from . import __version__
-from .engine import fold_model
-from .errors import EXIT_CODE_TABLE, BnfoldError, ExitCode
-from .model_io import check_model, load_model, save_model
+from . import __version__, json_report
+from .errors import EXIT_CODE_TABLE, ExitCode
+from .runner import FoldOptions, ModelOutcome, check_job, fold_job, worst
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
-def _fail(e: BaseException, debug: bool) -> None:
-    """One line on stderr and the documented exit code (traceback only with --debug)."""
-    if debug:
-        traceback.print_exc()
-    if isinstance(e, BnfoldError):
-        click.echo(f"bnfold: error: {e}", err=True)
-        sys.exit(int(e.exit_code))
-    if isinstance(e, KeyboardInterrupt):
-        click.echo("bnfold: interrupted", err=True)
-        sys.exit(int(ExitCode.INTERRUPTED))
-    click.echo(
-        f"bnfold: internal error: {type(e).__name__}: {e}. This is a bug; please report it "
-        "with the output of the same command run with --debug.",
-        err=True,
-    )
-    sys.exit(int(ExitCode.INTERNAL))
+def _epilog(examples: str) -> str:
+    # \b keeps click from rewrapping the example and table paragraphs.
+    table = "\b\n" + EXIT_CODE_TABLE
+    return f"\b\nExamples:\n{examples}\n\n{table}"
 
 
-@click.group(context_settings=CONTEXT, epilog=EXIT_CODE_TABLE)
-@click.version_option(__version__, prog_name="bnfold")
+def report_options(fn: Callable) -> Callable:
+    """--json, --report, --quiet, --debug: shared by every command."""
+    fn = click.option("--debug", is_flag=True, help="Show tracebacks (for bug reports).")(fn)
+    fn = click.option("-q", "--quiet", is_flag=True, help="Print only errors.")(fn)
+    fn = click.option(
+        "--report", "report_path", type=click.Path(dir_okay=False), help="Also write the JSON report to FILE."
+    )(fn)
+    fn = click.option("--json", "as_json", is_flag=True, help="Print one JSON document to stdout, nothing else.")(fn)
+    return fn
+
+
+def model_options(fn: Callable) -> Callable:
+    """Options of how models are read and folded."""
+    fn = click.option(
+        "--freeze-initializer-inputs",
+        is_flag=True,
+        help="Treat initializers that are also graph inputs (overridable in IR >= 4) as constants.",
+    )(fn)
+    fn = click.option(
+        "--pattern", default="*.onnx", show_default=True, help="File name glob for models inside folders."
+    )(fn)
+    fn = click.option(
+        "-j", "--jobs", type=click.IntRange(min=1), default=1, show_default=True, help="Models in parallel."
+    )(fn)
+    return fn
+
+
+@click.group(context_settings=CONTEXT, epilog=_epilog(
+    "  bnfold fold model.onnx -o model.folded.onnx\n"
+    "  bnfold check exported/ --json\n"
+    "  bnfold verify model.onnx model.folded.onnx"
+))  # fmt: skip
+@click.version_option(__version__, "-V", "--version", prog_name="bnfold")
 def main() -> None:
     """Fold frozen BatchNormalization layers of ONNX models into the weights around them."""
 
 
-@main.command(epilog="Example:\n\n  bnfold fold model.onnx -o model.folded.onnx\n\n" + EXIT_CODE_TABLE)
-@click.argument("model", type=click.Path(dir_okay=True))
-@click.option("-o", "--output", type=click.Path(), required=True, help="Where to write the folded model.")
-@click.option(
-    "--freeze-initializer-inputs",
-    is_flag=True,
-    help="Treat initializers that are also graph inputs (overridable in IR >= 4) as constants.",
-)
-@click.option("--debug", is_flag=True, help="Show tracebacks.")
-def fold(model: str, output: str, freeze_initializer_inputs: bool, debug: bool) -> None:
-    """Fold every foldable BatchNormalization in MODEL and write the result to OUTPUT."""
-    try:
-        m = load_model(model)
-        result = fold_model(
-            m,
-            freeze_initializer_inputs=freeze_initializer_inputs,
-            base_dir=os.path.dirname(os.path.abspath(model)),
-            copy=False,
+# ---------------------------------------------------------------------------
+# inputs and outputs of a batch
+# ---------------------------------------------------------------------------
+
+
+def collect_models(paths: tuple[str, ...], pattern: str, exclude: str | None = None) -> list[tuple[str, str]]:
+    """``(path, relative path)`` of every model: files as given, folders searched recursively."""
+    found: list[tuple[str, str]] = []
+    skip = os.path.abspath(exclude) if exclude else None
+    for p in paths:
+        if not os.path.isdir(p):
+            found.append((p, os.path.basename(p)))
+            continue
+        for root, dirs, files in os.walk(p):
+            dirs[:] = sorted(d for d in dirs if skip is None or os.path.abspath(os.path.join(root, d)) != skip)
+            for f in sorted(files):
+                if fnmatch.fnmatch(f, pattern):
+                    full = os.path.join(root, f)
+                    found.append((full, os.path.relpath(full, p)))
+    return found
+
+
+def plan_outputs(inputs: tuple[str, ...], output: str | None, in_place: bool, pattern: str) -> list[tuple[str, str]]:
+    """Pair every input model with its output path (mirroring folders under ``-o DIR``)."""
+    if in_place:
+        if output:
+            raise click.UsageError("--in-place and -o/--output exclude each other")
+        return [(p, p) for p, _ in collect_models(inputs, pattern)]
+    if not output:
+        raise click.UsageError("missing -o/--output (or --in-place)")
+    single = len(inputs) == 1 and not os.path.isdir(inputs[0])
+    if single and not os.path.isdir(output) and not output.endswith(os.sep):
+        return [(inputs[0], output)]
+    models = collect_models(inputs, pattern, exclude=output)
+    pairs = [(p, os.path.join(output, rel)) for p, rel in models]
+    outs = [o for _, o in pairs]
+    if len(set(outs)) != len(outs):
+        raise click.UsageError("two inputs map to the same output path; fold them in separate runs")
+    return pairs
+
+
+# ---------------------------------------------------------------------------
+# running jobs with progress
+# ---------------------------------------------------------------------------
+
+
+def run_jobs(fn: Callable[..., ModelOutcome], arglist: list[tuple], jobs: int, quiet: bool) -> list[ModelOutcome]:
+    """Run one job per argument tuple (in processes when ``jobs > 1``); outcomes in input order."""
+    n = len(arglist)
+    results: list[ModelOutcome | None] = [None] * n
+    show_bar = n > 1 and not quiet and sys.stderr.isatty()
+    plain = n > 1 and not quiet and not show_bar
+    done = 0
+
+    def finished(i: int, outcome: ModelOutcome, bar: Any) -> None:
+        nonlocal done
+        done += 1
+        results[i] = outcome
+        if bar is not None:
+            bar.update(1)
+        elif plain:
+            click.echo(f"[{done}/{n}] {outcome.input}: {outcome.status}", err=True)
+
+    with click.progressbar(length=n, label="models", file=sys.stderr) if show_bar else _null() as bar:
+        if jobs > 1 and n > 1:
+            with ProcessPoolExecutor(max_workers=min(jobs, n)) as pool:
+                futures = {pool.submit(fn, *args): i for i, args in enumerate(arglist)}
+                for fut in as_completed(futures):
+                    finished(futures[fut], fut.result(), bar)
+        else:
+            for i, args in enumerate(arglist):
+                finished(i, fn(*args), bar)
+    return [r for r in results if r is not None]
+
+
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+# ---------------------------------------------------------------------------
+# human output
+# ---------------------------------------------------------------------------
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def describe(o: ModelOutcome, command: str) -> list[str]:
+    """Human lines for one model: counts, the BNs left and why."""
+    r = o.report or {}
+    if o.error:
+        return []
+    lines = []
+    if command == "check":
+        lines.append(
+            f"{o.input}: {len(r['folds'])} foldable, {r['bn_left']} of {r['bn_found']} BatchNormalization "
+            "cannot be folded"
         )
-        check_model(result.model, output, full=True)
-        size = save_model(result.model, output)
-    except (Exception, KeyboardInterrupt) as e:
-        _fail(e, debug)
-        return
-    for line in result.report.summary_lines():
-        click.echo(line)
-    click.echo(f"size: {os.path.getsize(model)} -> {size} bytes")
-    click.echo(f"wrote {output}")
+        for f in r["folds"]:
+            lines.append(f"  foldable {f['node']} into {f['target']} ({f['pattern']})")
+    else:
+        other = len(r["folds"]) - r["bn_folded"]
+        extra = f"; {other} other affine op(s) folded" if other else ""
+        lines.append(
+            f"{o.input} -> {o.output}: BatchNormalization {r['bn_found']} found, {r['bn_folded']} folded, "
+            f"{r['bn_left']} left{extra}"
+        )
+        lines.append(
+            f"  nodes {r['nodes_before']} -> {r['nodes_after']}, size {_size(o.size_before)} -> {_size(o.size_after)}"
+        )
+    for s in r["skips"]:
+        where = "" if s["graph"] == "main" else f" (in {s['graph']})"
+        lines.append(f"  left {s['node']}{where}: {s['reason']}: {s['message']}")
+    return lines
+
+
+def summary_table(outcomes: list[ModelOutcome], command: str) -> list[str]:
+    """One row per model, for batches."""
+    rows = [("model", "status", "BN", "foldable" if command == "check" else "folded", "left", "size")]
+    for o in outcomes:
+        r = o.report or {}
+        rows.append(
+            (
+                o.input,
+                o.status,
+                str(r.get("bn_found", "-")),
+                str(r.get("bn_folded", "-")),
+                str(r.get("bn_left", "-")),
+                f"{_size(o.size_before)} -> {_size(o.size_after)}" if o.size_after else _size(o.size_before),
+            )
+        )
+    widths = [max(len(row[k]) for row in rows) for k in range(len(rows[0]))]
+    return ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows]
+
+
+def finish(
+    command: str,
+    outcomes: list[ModelOutcome],
+    started: float,
+    as_json: bool,
+    report_path: str | None,
+    quiet: bool,
+    debug: bool,
+) -> None:
+    """Print results, write the report, exit with the worst code."""
+    code = worst([o.exit_code for o in outcomes])
+    for o in outcomes:
+        if o.error:
+            click.secho(f"bnfold: error: {o.error}", err=True, fg="red")
+            if o.traceback and (debug or o.exit_code == ExitCode.INTERNAL):
+                click.echo(o.traceback.rstrip(), err=True)
+                if not debug:
+                    click.echo("This is a bug in bnfold; please report it with this output.", err=True)
+    doc = json_report.build(command, outcomes, code, time.perf_counter() - started)
+    if report_path:
+        json_report.write(doc, report_path)
+    if as_json:
+        click.echo(json_report.dumps(doc))
+    elif not quiet:
+        for o in outcomes:
+            for line in describe(o, command):
+                click.echo(line)
+        if len(outcomes) > 1:
+            click.echo("")
+            for line in summary_table(outcomes, command):
+                click.echo(line)
+    sys.exit(int(code))
+
+
+# ---------------------------------------------------------------------------
+# commands
+# ---------------------------------------------------------------------------
+
+
+@main.command(
+    epilog=_epilog(
+        "  bnfold fold model.onnx -o model.folded.onnx\n"
+        "  bnfold fold model.onnx --in-place\n"
+        "  bnfold fold exported/ -o folded/ --jobs 2 --json"
+    )
+)
+@click.argument("inputs", nargs=-1, required=True, type=click.Path())
+@click.option("-o", "--output", type=click.Path(), help="Output file, or folder for several inputs.")
+@click.option("--in-place", is_flag=True, help="Replace each input (atomically, after verification passed).")
+@click.option("-f", "--force", is_flag=True, help="Overwrite existing outputs.")
+@model_options
+@report_options
+def fold(
+    inputs: tuple[str, ...],
+    output: str | None,
+    in_place: bool,
+    force: bool,
+    jobs: int,
+    pattern: str,
+    freeze_initializer_inputs: bool,
+    as_json: bool,
+    report_path: str | None,
+    quiet: bool,
+    debug: bool,
+) -> None:
+    """Fold every foldable BatchNormalization in each model and write the result.
+
+    INPUTS are model files or folders (searched recursively for --pattern).
+    """
+    started = time.perf_counter()
+    pairs = plan_outputs(inputs, output, in_place, pattern)
+    if not pairs:
+        raise click.UsageError(f"no models matching {pattern!r} in {', '.join(inputs)}")
+    for _, out in pairs:
+        folder = os.path.dirname(os.path.abspath(out))
+        if len(pairs) > 1 and not os.path.isdir(folder):
+            os.makedirs(folder, exist_ok=True)
+    opts = FoldOptions(freeze_initializer_inputs=freeze_initializer_inputs, force=force, in_place=in_place, debug=debug)
+    outcomes = run_jobs(fold_job, [(p, o, opts) for p, o in pairs], jobs, quiet)
+    finish("fold", outcomes, started, as_json, report_path, quiet, debug)
+
+
+@main.command(
+    epilog=_epilog(
+        "  bnfold check model.onnx\n"
+        "  bnfold check exported/ --pattern '*.onnx' --json\n"
+        "  # in CI: fails (exit 1) when an exported model still has foldable BatchNormalization"
+    )
+)
+@click.argument("inputs", nargs=-1, required=True, type=click.Path())
+@model_options
+@report_options
+def check(
+    inputs: tuple[str, ...],
+    jobs: int,
+    pattern: str,
+    freeze_initializer_inputs: bool,
+    as_json: bool,
+    report_path: str | None,
+    quiet: bool,
+    debug: bool,
+) -> None:
+    """Read-only lint: list BatchNormalization that could still be folded, and what cannot.
+
+    Exits 0 when nothing foldable is left, 1 when something is, 4 when a model cannot be read.
+    """
+    started = time.perf_counter()
+    models = collect_models(inputs, pattern)
+    if not models:
+        raise click.UsageError(f"no models matching {pattern!r} in {', '.join(inputs)}")
+    opts = FoldOptions(freeze_initializer_inputs=freeze_initializer_inputs, debug=debug)
+    outcomes = run_jobs(check_job, [(p, opts) for p, _ in models], jobs, quiet)
+    finish("check", outcomes, started, as_json, report_path, quiet, debug)

@@ -370,7 +370,7 @@ def infer_value_types(model: onnx.ModelProto, max_inline: int = 1024) -> dict[st
             g.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
     try:
         inferred = onnx.shape_inference.infer_shapes(skeleton, check_type=False, strict_mode=False)
-    except Exception:
+    except Exception:  # noqa: BLE001 - inference is best effort; ranks then come from weights
         return {}
     types: dict[str, onnx.TypeProto] = {}
 

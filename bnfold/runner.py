@@ -1,0 +1,208 @@
+"""One model, one job: load, fold or check, verify, write; every outcome is data.
+
+Jobs never raise: a :class:`ModelOutcome` carries the status, the exit code, the
+error line and the reports, so a batch goes on past a broken model and the CLI,
+the JSON report and the tests all read the same record.  Job functions are
+top-level and their arguments picklable, for ``--jobs N`` process pools.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any
+
+from .engine import fold_model
+from .errors import BnfoldError, ExitCode, OutputError
+from .model_io import check_model, load_model, save_model
+
+STATUS = {
+    ExitCode.OK: "ok",
+    ExitCode.FOLDABLE_LEFT: "foldable_left",
+    ExitCode.VERIFY_FAILED: "verify_failed",
+    ExitCode.INVALID_MODEL: "invalid_model",
+    ExitCode.WRITE_FAILED: "write_failed",
+    ExitCode.NOT_VERIFIED: "not_verified",
+    ExitCode.INTERRUPTED: "interrupted",
+    ExitCode.INTERNAL: "internal_error",
+    ExitCode.USAGE: "usage_error",
+}
+
+# Worst first: a batch exits with the worst code of its models.
+SEVERITY = [
+    ExitCode.INTERNAL,
+    ExitCode.INTERRUPTED,
+    ExitCode.INVALID_MODEL,
+    ExitCode.WRITE_FAILED,
+    ExitCode.NOT_VERIFIED,
+    ExitCode.VERIFY_FAILED,
+    ExitCode.USAGE,
+    ExitCode.FOLDABLE_LEFT,
+    ExitCode.OK,
+]
+
+
+def worst(codes: list[ExitCode]) -> ExitCode:
+    """The most severe exit code of a batch (OK when empty)."""
+    return min(codes, key=SEVERITY.index, default=ExitCode.OK)
+
+
+@dataclass
+class FoldOptions:
+    """Options of one ``fold`` or ``check`` job (picklable)."""
+
+    freeze_initializer_inputs: bool = False
+    verify: bool = True
+    force: bool = False
+    in_place: bool = False
+    debug: bool = False
+
+
+@dataclass
+class ModelOutcome:
+    """What happened to one model."""
+
+    input: str
+    output: str | None = None
+    exit_code: ExitCode = ExitCode.OK
+    error: str | None = None
+    size_before: int | None = None
+    size_after: int | None = None
+    report: dict[str, Any] | None = None
+    verification: dict[str, Any] | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    traceback: str | None = None
+
+    @property
+    def status(self) -> str:
+        return STATUS[self.exit_code]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form (see docs/json-report.md)."""
+        d: dict[str, Any] = {
+            "input": self.input,
+            "output": self.output,
+            "status": self.status,
+            "exit_code": int(self.exit_code),
+            "error": self.error,
+            "size_before": self.size_before,
+            "size_after": self.size_after,
+        }
+        d.update(self.report or {"bn_found": None, "bn_folded": None, "bn_left": None, "folds": [], "skips": []})
+        d["verification"] = self.verification
+        d["timings"] = {k: round(v, 4) for k, v in self.timings.items()}
+        return d
+
+
+def model_size(path: str) -> int:
+    """Bytes of a model file plus the external data files next to it that it names."""
+    import onnx
+
+    total = os.path.getsize(path)
+    try:
+        m = onnx.load(path, load_external_data=False)
+    except Exception:  # noqa: BLE001 - size is informational
+        return total
+    folder = os.path.dirname(os.path.abspath(path))
+    seen = set()
+    for t in onnx.external_data_helper._get_all_tensors(m):
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            for e in t.external_data:
+                if e.key == "location" and e.value not in seen:
+                    seen.add(e.value)
+                    p = os.path.join(folder, e.value)
+                    if os.path.isfile(p):
+                        total += os.path.getsize(p)
+    return total
+
+
+class _Clock:
+    def __init__(self, outcome: ModelOutcome) -> None:
+        self.outcome = outcome
+        self.start = self.last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.outcome.timings[name] = now - self.last
+        self.last = now
+
+    def done(self) -> None:
+        self.outcome.timings["total"] = time.perf_counter() - self.start
+
+
+def _guard(outcome: ModelOutcome, debug: bool, e: BaseException) -> None:
+    """Turn any exception into the outcome's status and one-line error."""
+    if isinstance(e, BnfoldError):
+        outcome.exit_code, outcome.error = e.exit_code, str(e)
+    elif isinstance(e, KeyboardInterrupt):
+        outcome.exit_code, outcome.error = ExitCode.INTERRUPTED, "interrupted"
+    else:
+        outcome.exit_code = ExitCode.INTERNAL
+        outcome.error = f"internal error: {type(e).__name__}: {e}"
+    if debug or outcome.exit_code == ExitCode.INTERNAL:
+        outcome.traceback = traceback.format_exc()
+
+
+def same_file(a: str, b: str) -> bool:
+    """True when two paths name the same file (or the same not-yet-existing path)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.abspath(a) == os.path.abspath(b)
+
+
+def fold_job(path: str, output: str, opts: FoldOptions) -> ModelOutcome:
+    """Fold one model into ``output``; never raises."""
+    outcome = ModelOutcome(input=path, output=output)
+    clock = _Clock(outcome)
+    try:
+        if same_file(path, output) and not opts.in_place:
+            raise OutputError(f"{output}: output is the input file; use --in-place to replace it")
+        if os.path.exists(output) and not opts.force and not opts.in_place:
+            raise OutputError(f"{output}: already exists; use --force to overwrite it")
+        model = load_model(path)
+        outcome.size_before = model_size(path)
+        clock.lap("load")
+        result = fold_model(
+            model,
+            freeze_initializer_inputs=opts.freeze_initializer_inputs,
+            base_dir=os.path.dirname(os.path.abspath(path)),
+            copy=False,
+        )
+        outcome.report = result.report.to_dict()
+        clock.lap("fold")
+        check_model(result.model, output, full=True)
+        clock.lap("check")
+        save_model(result.model, output)
+        outcome.size_after = model_size(output)
+        clock.lap("write")
+    except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 - every failure becomes data
+        _guard(outcome, opts.debug, e)
+    clock.done()
+    return outcome
+
+
+def check_job(path: str, opts: FoldOptions) -> ModelOutcome:
+    """Read-only lint of one model: exit 1 when something could still be folded."""
+    outcome = ModelOutcome(input=path)
+    clock = _Clock(outcome)
+    try:
+        model = load_model(path)
+        outcome.size_before = model_size(path)
+        clock.lap("load")
+        result = fold_model(
+            model,
+            freeze_initializer_inputs=opts.freeze_initializer_inputs,
+            base_dir=os.path.dirname(os.path.abspath(path)),
+            copy=False,
+        )
+        outcome.report = result.report.to_dict()
+        clock.lap("fold")
+        if result.report.folds:
+            outcome.exit_code = ExitCode.FOLDABLE_LEFT
+    except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 - every failure becomes data
+        _guard(outcome, opts.debug, e)
+    clock.done()
+    return outcome
