@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fnmatch
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -65,6 +66,17 @@ def model_options(fn: Callable) -> Callable:
 @click.version_option(__version__, "-V", "--version", prog_name="bnfold")
 def main() -> None:
     """Fold frozen BatchNormalization layers of ONNX models into the weights around them."""
+    # SIGTERM unwinds like Ctrl-C, so temporary files are removed on the way out.
+    signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _interrupted() -> None:
+    click.echo("bnfold: interrupted; no partial output was left", err=True)
+    sys.exit(int(ExitCode.INTERRUPTED))
 
 
 # ---------------------------------------------------------------------------
@@ -100,6 +112,10 @@ def plan_outputs(inputs: tuple[str, ...], output: str | None, in_place: bool, pa
     single = len(inputs) == 1 and not os.path.isdir(inputs[0])
     if single and not os.path.isdir(output) and not output.endswith(os.sep):
         return [(inputs[0], output)]
+    if os.path.isfile(output) or (not os.path.exists(output) and fnmatch.fnmatch(os.path.basename(output), pattern)):
+        raise click.UsageError(
+            f"{output}: with a folder or several inputs, -o must name a folder (it looks like a model file)"
+        )
     models = collect_models(inputs, pattern, exclude=output)
     pairs = [(p, os.path.join(output, rel)) for p, rel in models]
     outs = [o for _, o in pairs]
@@ -130,16 +146,24 @@ def run_jobs(fn: Callable[..., ModelOutcome], arglist: list[tuple], jobs: int, q
         elif plain:
             click.echo(f"[{done}/{n}] {outcome.input}: {outcome.status}", err=True)
 
-    with click.progressbar(length=n, label="models", file=sys.stderr) if show_bar else _null() as bar:
-        if jobs > 1 and n > 1:
-            with ProcessPoolExecutor(max_workers=min(jobs, n)) as pool:
-                futures = {pool.submit(fn, *args): i for i, args in enumerate(arglist)}
-                for fut in as_completed(futures):
-                    finished(futures[fut], fut.result(), bar)
-        else:
-            for i, args in enumerate(arglist):
-                finished(i, fn(*args), bar)
-    return [r for r in results if r is not None]
+    try:
+        with click.progressbar(length=n, label="models", file=sys.stderr) if show_bar else _null() as bar:
+            if jobs > 1 and n > 1:
+                with ProcessPoolExecutor(max_workers=min(jobs, n)) as pool:
+                    futures = {pool.submit(fn, *args): i for i, args in enumerate(arglist)}
+                    for fut in as_completed(futures):
+                        finished(futures[fut], fut.result(), bar)
+            else:
+                for i, args in enumerate(arglist):
+                    finished(i, fn(*args), bar)
+                    if results[i].exit_code == ExitCode.INTERRUPTED:
+                        raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        _interrupted()
+    done_outcomes = [r for r in results if r is not None]
+    if any(o.exit_code == ExitCode.INTERRUPTED for o in done_outcomes):
+        _interrupted()
+    return done_outcomes
 
 
 class _null:
@@ -227,10 +251,8 @@ def finish(
     for o in outcomes:
         if o.error:
             click.secho(f"bnfold: error: {o.error}", err=True, fg="red")
-            if o.traceback and (debug or o.exit_code == ExitCode.INTERNAL):
+            if o.traceback and debug:
                 click.echo(o.traceback.rstrip(), err=True)
-                if not debug:
-                    click.echo("This is a bug in bnfold; please report it with this output.", err=True)
     doc = json_report.build(command, outcomes, code, time.perf_counter() - started)
     if report_path:
         json_report.write(doc, report_path)
@@ -263,6 +285,7 @@ def finish(
 @click.option("-o", "--output", type=click.Path(), help="Output file, or folder for several inputs.")
 @click.option("--in-place", is_flag=True, help="Replace each input (atomically, after verification passed).")
 @click.option("-f", "--force", is_flag=True, help="Overwrite existing outputs.")
+@click.option("--verify/--no-verify", default=True, help="Compare outputs before and after (default: on).")
 @model_options
 @report_options
 def fold(
@@ -270,6 +293,7 @@ def fold(
     output: str | None,
     in_place: bool,
     force: bool,
+    verify: bool,
     jobs: int,
     pattern: str,
     freeze_initializer_inputs: bool,

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
-import tempfile
 
 import onnx
 from google.protobuf.message import DecodeError
 
+from .atomic import AtomicFiles
 from .errors import ModelLoadError, OutputError
+from .safety import check_external_data
 
 
 def load_model(path: str, *, check: bool = True) -> onnx.ModelProto:
@@ -27,7 +28,9 @@ def load_model(path: str, *, check: bool = True) -> onnx.ModelProto:
         raise ModelLoadError(f"{path}: cannot read ({e.strerror or e})") from e
     if not model.HasField("graph") or not model.ir_version:
         raise ModelLoadError(f"{path}: not an ONNX model (no graph or IR version)")
+    check_opsets(model, path)
     base_dir = os.path.dirname(os.path.abspath(path))
+    check_external_data(model, base_dir, path)  # before reading a byte on the model's behalf
     try:
         onnx.external_data_helper.load_external_data_for_model(model, base_dir)
     except (OSError, ValueError, onnx.checker.ValidationError) as e:
@@ -35,6 +38,17 @@ def load_model(path: str, *, check: bool = True) -> onnx.ModelProto:
     if check:
         check_model(model, path)
     return model
+
+
+def check_opsets(model: onnx.ModelProto, label: str) -> None:
+    """Refuse opsets newer than the installed onnx knows (its checker would not catch them)."""
+    known = onnx.defs.onnx_opset_version()
+    for o in model.opset_import:
+        if o.domain in ("", "ai.onnx") and o.version > known:
+            raise ModelLoadError(
+                f"{label}: opset {o.version} is newer than the installed onnx {onnx.__version__} knows "
+                f"(up to {known}); upgrade onnx"
+            )
 
 
 def check_model(model: onnx.ModelProto, label: str, full: bool = False) -> None:
@@ -50,31 +64,19 @@ def save_model(model: onnx.ModelProto, path: str) -> int:
 
     Returns the number of bytes written.
     """
-    data = model.SerializeToString()
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise OutputError(f"{path}: output folder {folder} does not exist")
+    data = model.SerializeToString()
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+        with AtomicFiles() as files:
+            with open(files.temp_for(path), "wb") as f:
+                f.write(data)
     except OSError as e:
         raise OutputError(f"{path}: cannot write ({e.strerror or e})") from e
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        if isinstance(e, OSError):
-            raise OutputError(f"{path}: cannot write ({e.strerror or e})") from e
-        raise
     return len(data)
 
 
 def _first_line(e: BaseException) -> str:
-    text = str(e).strip() or type(e).__name__
-    return text.splitlines()[0][:300]
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text[:300]

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .engine import fold_model
-from .errors import BnfoldError, ExitCode, OutputError
+from .errors import BnfoldError, ExitCode, ModelLoadError, OutputError
 from .model_io import check_model, load_model, save_model
 
 STATUS = {
@@ -29,6 +29,8 @@ STATUS = {
     ExitCode.INTERNAL: "internal_error",
     ExitCode.USAGE: "usage_error",
 }
+
+BUG_HINT = "this is a bug in bnfold: please report it with the output of the same command run with --debug"
 
 # Worst first: a batch exits with the worst code of its models.
 SEVERITY = [
@@ -118,6 +120,22 @@ def model_size(path: str) -> int:
     return total
 
 
+def reject_invalid_bn(path: str, report: dict[str, Any]) -> None:
+    """A BN with invalid parameters makes the model invalid: say which one and why."""
+    for s in report["skips"]:
+        if s["reason"] == "invalid_parameters":
+            raise ModelLoadError(f"{path}: invalid BatchNormalization '{s['node']}': {s['message']}")
+
+
+def check_output(model: Any, path: str, output: str) -> None:
+    """Full checker on the folded model; blame the input when it was invalid already."""
+    try:
+        check_model(model, output, full=True)
+    except ModelLoadError as e:
+        check_model(load_model(path, check=False), path, full=True)  # raises when the input is at fault
+        raise BnfoldError(f"{e}: {BUG_HINT}", ExitCode.INTERNAL) from e
+
+
 class _Clock:
     def __init__(self, outcome: ModelOutcome) -> None:
         self.outcome = outcome
@@ -140,8 +158,8 @@ def _guard(outcome: ModelOutcome, debug: bool, e: BaseException) -> None:
         outcome.exit_code, outcome.error = ExitCode.INTERRUPTED, "interrupted"
     else:
         outcome.exit_code = ExitCode.INTERNAL
-        outcome.error = f"internal error: {type(e).__name__}: {e}"
-    if debug or outcome.exit_code == ExitCode.INTERNAL:
+        outcome.error = f"internal error: {type(e).__name__}: {e}; {BUG_HINT}"
+    if debug:
         outcome.traceback = traceback.format_exc()
 
 
@@ -172,8 +190,9 @@ def fold_job(path: str, output: str, opts: FoldOptions) -> ModelOutcome:
             copy=False,
         )
         outcome.report = result.report.to_dict()
+        reject_invalid_bn(path, outcome.report)
         clock.lap("fold")
-        check_model(result.model, output, full=True)
+        check_output(result.model, path, output)
         clock.lap("check")
         save_model(result.model, output)
         outcome.size_after = model_size(output)
@@ -199,6 +218,7 @@ def check_job(path: str, opts: FoldOptions) -> ModelOutcome:
             copy=False,
         )
         outcome.report = result.report.to_dict()
+        reject_invalid_bn(path, outcome.report)
         clock.lap("fold")
         if result.report.folds:
             outcome.exit_code = ExitCode.FOLDABLE_LEFT
