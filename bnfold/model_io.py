@@ -9,7 +9,7 @@ from google.protobuf.message import DecodeError
 
 from .atomic import AtomicFiles
 from .errors import ModelLoadError, OutputError
-from .safety import check_external_data
+from .safety import check_external_data, check_tensors
 
 
 def load_model(path: str, *, check: bool = True) -> onnx.ModelProto:
@@ -29,6 +29,7 @@ def load_model(path: str, *, check: bool = True) -> onnx.ModelProto:
     if not model.HasField("graph") or not model.ir_version:
         raise ModelLoadError(f"{path}: not an ONNX model (no graph or IR version)")
     check_opsets(model, path)
+    check_tensors(model, path)
     base_dir = os.path.dirname(os.path.abspath(path))
     check_external_data(model, base_dir, path)  # before reading a byte on the model's behalf
     try:

@@ -106,7 +106,8 @@ def read_bn(view: GraphView, node: onnx.NodeProto) -> Affine:
     if any(p.ndim != 1 for p in params) or len({p.shape for p in params}) != 1:
         shapes = ", ".join(f"{nm}{list(p.shape)}" for nm, p in zip(names, params, strict=True))
         raise Rejected(Reason.INVALID_PARAMS, f"parameters must be 1-D of one length: {shapes}")
-    gamma, beta, mean, var = (p.astype(np.float64) for p in params)
+    with np.errstate(invalid="ignore", over="ignore"):
+        gamma, beta, mean, var = (p.astype(np.float64) for p in params)
     if not np.all(np.isfinite(np.concatenate([gamma, beta, mean, var]))):
         raise Rejected(Reason.INVALID_PARAMS, "a parameter is NaN or infinite")
     if np.any(var < 0):
@@ -252,7 +253,7 @@ def into_conv(view: GraphView, aff: Affine, conv: onnx.NodeProto) -> str:
     w = weight(view, conv)
     b = const_input(view, conv, 2, "bias")
     group = attr(conv, "group", 1)
-    if w.ndim < 3 or w.shape[0] % group:
+    if w.ndim < 3 or group < 1 or w.shape[0] % group:
         raise Rejected(Reason.SHAPE_MISMATCH, f"Conv weight {list(w.shape)} does not fit group={group}")
     s, t = aff.per_channel(w.shape[0])
     w2, b2 = fm.fold_conv(w, b, s, t)
@@ -268,7 +269,7 @@ def into_conv_transpose(view: GraphView, aff: Affine, conv: onnx.NodeProto) -> s
     w = weight(view, conv)
     b = const_input(view, conv, 2, "bias")
     group = attr(conv, "group", 1)
-    if w.ndim < 3 or w.shape[0] % group:
+    if w.ndim < 3 or group < 1 or w.shape[0] % group:
         raise Rejected(Reason.SHAPE_MISMATCH, f"ConvTranspose weight {list(w.shape)} does not fit group={group}")
     s, t = aff.per_channel(w.shape[1] * group)
     w2, b2 = fm.fold_conv_transpose(w, b, s, t, group)
@@ -399,7 +400,7 @@ def into_next_conv(view: GraphView, aff: Affine, conv: onnx.NodeProto) -> str:
     group = attr(conv, "group", 1)
     if not conv_pads_nothing(conv):
         raise Rejected(Reason.PADDED_CONSUMER, f"the following Conv {display_name(conv)} pads its input")
-    if w.ndim < 3 or w.shape[0] % group:
+    if w.ndim < 3 or group < 1 or w.shape[0] % group:
         raise Rejected(Reason.SHAPE_MISMATCH, f"Conv weight {list(w.shape)} does not fit group={group}")
     s, t = aff.per_channel(w.shape[1] * group)
     w2, b2 = fm.fold_into_next_conv(w, b, s, t, group)

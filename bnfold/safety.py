@@ -130,3 +130,35 @@ def check_external_data(model: onnx.ModelProto, base_dir: str, label: str) -> No
             raise ModelLoadError(
                 f"{what}: external data file {loc!r} is too short ({size} bytes, needs {offset + need})"
             )
+
+
+_TYPED_FIELDS = ("float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data")
+
+
+def check_tensors(model: onnx.ModelProto, label: str) -> None:
+    """Refuse embedded tensors whose data does not match their dtype and dims (no data is converted)."""
+    for t in iter_tensors(model):
+        what = f"{label}: invalid model: tensor '{t.name}'"
+        if any(d < 0 for d in t.dims):
+            raise ModelLoadError(f"{what} has a negative dimension {list(t.dims)}")
+        if t.data_type == onnx.TensorProto.UNDEFINED:
+            raise ModelLoadError(f"{what} has no data type")
+        try:
+            helper.tensor_dtype_to_np_dtype(t.data_type)
+        except (KeyError, TypeError, ValueError):
+            raise ModelLoadError(f"{what} has an unknown data type {t.data_type}") from None
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            continue
+        n = int(np.prod(t.dims, dtype=np.float64)) if t.dims else 1
+        if t.HasField("raw_data"):
+            need = _expected_bytes(t)
+            if need is not None and len(t.raw_data) != need:
+                raise ModelLoadError(
+                    f"{what} holds {len(t.raw_data)} bytes of data for shape {list(t.dims)} (needs {need})"
+                )
+            continue
+        held = max(len(getattr(t, f)) for f in _TYPED_FIELDS)
+        if t.data_type in (onnx.TensorProto.COMPLEX64, onnx.TensorProto.COMPLEX128):
+            held //= 2
+        if held and held != n and not (t.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4)):
+            raise ModelLoadError(f"{what} holds {held} values for shape {list(t.dims)} ({n} needed)")
