@@ -160,5 +160,5 @@ def check_tensors(model: onnx.ModelProto, label: str) -> None:
         held = max(len(getattr(t, f)) for f in _TYPED_FIELDS)
         if t.data_type in (onnx.TensorProto.COMPLEX64, onnx.TensorProto.COMPLEX128):
             held //= 2
-        if held and held != n and not (t.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4)):
+        if held and held != n and t.data_type not in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4):
             raise ModelLoadError(f"{what} holds {held} values for shape {list(t.dims)} ({n} needed)")
