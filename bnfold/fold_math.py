@@ -140,10 +140,10 @@ def round_to(x: np.ndarray, dtype: np.dtype, what: str = "value") -> np.ndarray:
         raise FoldValueError("non_finite", f"folded {what} is not finite")
     limit = dtype_max(np.dtype(dtype))
     biggest = float(np.max(np.abs(x))) if x.size else 0.0
-    out = x.astype(dtype)
-    if biggest > limit or not np.all(np.isfinite(out.astype(F64))):
+    # Check before casting: a value beyond the maximum would round to inf (and warn).
+    if biggest > limit:
         raise FoldValueError(
             "dtype_overflow",
             f"folded {what} reaches {biggest:.3g}, beyond the {np.dtype(dtype).name} maximum {limit:.3g}",
         )
-    return out
+    return x.astype(dtype)
