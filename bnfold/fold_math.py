@@ -28,8 +28,10 @@ def bn_affine(
     """Return ``(s, t)`` with ``BN(x) == s * x + t`` per channel, in float64."""
     gamma, beta, mean, var = (np.asarray(a, dtype=F64) for a in (gamma, beta, mean, var))
     # eps is a float32 attribute; onnxruntime adds it in float32 too.
-    s = gamma / np.sqrt(var + F64(np.float32(eps)))
-    t = beta - mean * s
+    # var + eps == 0 gives inf/nan here; callers reject non-finite results.
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        s = gamma / np.sqrt(var + F64(np.float32(eps)))
+        t = beta - mean * s
     return s, t
 
 
