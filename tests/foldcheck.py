@@ -23,9 +23,14 @@ def fold_and_check(
     left: int = 0,
     dtype=np.float32,
     feeds: dict[str, np.ndarray] | None = None,
+    scale_atol: bool = False,
     **kwargs,
 ) -> bnfold.FoldResult:
-    """Fold ``model``; assert the counts, the full checker and equal onnxruntime outputs."""
+    """Fold ``model``; assert the counts, the full checker and equal onnxruntime outputs.
+
+    ``scale_atol`` multiplies atol by ``max(1, max|output|)`` per output: for exposed
+    intermediate tensors far from O(1), float32 rounding scales with the terms summed.
+    """
     before = model.SerializeToString()
     result = bnfold.fold_model(model, **kwargs)
     assert model.SerializeToString() == before, "fold_model changed its input"
@@ -42,7 +47,8 @@ def fold_and_check(
     assert len(a) == len(b)
     for x, y in zip(a, b, strict=True):
         assert x.dtype == y.dtype
-        assert_close(x, y, atol, rtol)
+        scale = max(1.0, float(np.abs(x.astype(np.float64)).max())) if scale_atol and x.size else 1.0
+        assert_close(x, y, atol * scale, rtol)
     return result
 
 

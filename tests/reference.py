@@ -56,9 +56,7 @@ def conv(
     elif auto_pad == "VALID" or pads is None:
         pads = [0] * (2 * nd)
     xp = np.pad(x, [(0, 0), (0, 0)] + [(pads[i], pads[i + nd]) for i in range(nd)])
-    out_sp = [
-        (xp.shape[2 + i] - (kernel[i] - 1) * dilations[i] - 1) // strides[i] + 1 for i in range(nd)
-    ]
+    out_sp = [(xp.shape[2 + i] - (kernel[i] - 1) * dilations[i] - 1) // strides[i] + 1 for i in range(nd)]
     n, cin = x.shape[:2]
     cout, cin_g = w.shape[:2]
     assert cin == cin_g * group and cout % group == 0

@@ -186,9 +186,7 @@ def test_round_to_float64_is_exact() -> None:
     np.testing.assert_array_equal(fm.round_to(x, np.dtype(np.float64)), x)
 
 
-@pytest.mark.parametrize(
-    "dtype,big", [(np.float16, 70000.0), (ml_dtypes.bfloat16, 3.5e38), (np.float32, 3.5e38)]
-)
+@pytest.mark.parametrize("dtype,big", [(np.float16, 70000.0), (ml_dtypes.bfloat16, 3.5e38), (np.float32, 3.5e38)])
 def test_round_to_refuses_overflow(dtype, big: float) -> None:
     with pytest.raises(fm.FoldValueError) as e:
         fm.round_to(np.array([1.0, big]), np.dtype(dtype), "weight")

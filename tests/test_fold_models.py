@@ -93,7 +93,7 @@ def conv_geometry(draw, op: str, max_rank: int = 3):
 def conv_bn_case(draw, dtypes=(np.float32, np.float16), opsets=OPSETS):
     """A Conv or ConvTranspose followed by a BN, as (model, dtype)."""
     op = draw(st.sampled_from(["Conv", "ConvTranspose"]))
-    rank, cin, cout, group, kernel, attrs, sizes = draw(conv_geometry(op))
+    _, cin, cout, group, kernel, attrs, sizes = draw(conv_geometry(op))
     dtype = draw(st.sampled_from(dtypes))
     opset = draw(st.sampled_from(opsets))
     net = Net(opset=opset, seed=draw(st.integers(0, 2**16)))
@@ -245,7 +245,10 @@ def test_bfloat16_folded_weight_is_the_rounded_exact_product() -> None:
     w_new = _bf16_array(inits[conv.input[1]])
     gamma, _, _, var = (p.astype(np.float64) for p in params)
     s = gamma / np.sqrt(var + np.float64(np.float32(1e-3)))
-    exact = _bf16_array(next(t for t in model.graph.initializer if t.name == "w")).astype(np.float64) * s[:, None, None, None]
+    exact = (
+        _bf16_array(next(t for t in model.graph.initializer if t.name == "w")).astype(np.float64)
+        * s[:, None, None, None]
+    )
     np.testing.assert_array_equal(w_new, exact.astype(BF16))
 
 
@@ -280,8 +283,7 @@ def _as_constant_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
     out = onnx.ModelProto()
     out.CopyFrom(model)
     nodes = [
-        onnx.helper.make_node("Constant", [], [t.name], name=f"const_{t.name}", value=t)
-        for t in out.graph.initializer
+        onnx.helper.make_node("Constant", [], [t.name], name=f"const_{t.name}", value=t) for t in out.graph.initializer
     ]
     del out.graph.initializer[:]
     for k, n in enumerate(nodes):
@@ -372,4 +374,3 @@ def test_float16_conv_with_float32_bn_stays_float16() -> None:
     net.output(y, np.float16)
     result = fold_and_check(net.build(), folded=1, dtype=np.float16)
     assert {t.data_type for t in result.model.graph.initializer} == {onnx.TensorProto.FLOAT16}
-

@@ -146,7 +146,9 @@ def _listed_initializer_model(which: str) -> onnx.ModelProto:
     return model
 
 
-@pytest.mark.parametrize("which,reason", [("param", Reason.NON_CONSTANT_PARAMS), ("weight", Reason.NON_CONSTANT_WEIGHT)])
+@pytest.mark.parametrize(
+    "which,reason", [("param", Reason.NON_CONSTANT_PARAMS), ("weight", Reason.NON_CONSTANT_WEIGHT)]
+)
 def test_ir4_initializer_listed_as_input_is_not_constant(which: str, reason: Reason) -> None:
     left_alone(_listed_initializer_model(which), reason)
 

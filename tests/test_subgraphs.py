@@ -194,7 +194,10 @@ def test_if_nested_in_loop_reads_top_level_weight() -> None:
             helper.make_tensor_value_info("i", TensorProto.INT64, []),
             helper.make_tensor_value_info("c_in", TensorProto.BOOL, []),
         ],
-        [helper.make_tensor_value_info("c_out", TensorProto.BOOL, []), helper.make_tensor_value_info("scan_y", F, Y_SHAPE)],
+        [
+            helper.make_tensor_value_info("c_out", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("scan_y", F, Y_SHAPE),
+        ],
     )
     g = helper.make_graph(
         [helper.make_node("Loop", ["trip", "cond"], ["y"], name="loop", body=body)],
@@ -221,7 +224,10 @@ def test_bn_in_branch_after_outer_conv_is_left() -> None:
         bn,
     )
     else_g = helper.make_graph(
-        [helper.make_node("Relu", ["c"], ["e_out"], name="relu")], "else", [], [helper.make_tensor_value_info("e_out", F, Y_SHAPE)]
+        [helper.make_node("Relu", ["c"], ["e_out"], name="relu")],
+        "else",
+        [],
+        [helper.make_tensor_value_info("e_out", F, Y_SHAPE)],
     )
     model = if_model(then_g, else_g, [to_tensor(_w((4, 3, 3, 3)), "W")], [outer_conv])
     result = fold_and_check(model, folded=0, left=1, feeds=feeds(True))
@@ -238,7 +244,9 @@ def test_outer_bn_whose_conv_output_is_read_in_a_branch_is_left() -> None:
     )
     net.input("cond", bool, [])
     net.nodes.append(
-        helper.make_node("If", ["cond"], ["y"], name="if", then_branch=branch("a", "Relu"), else_branch=branch("b", "Sigmoid"))
+        helper.make_node(
+            "If", ["cond"], ["y"], name="if", then_branch=branch("a", "Relu"), else_branch=branch("b", "Sigmoid")
+        )
     )
     net.output(z, np.float32)
     net.output("y", np.float32, Y_SHAPE)
