@@ -365,6 +365,11 @@ def test_ir3_initializers_listed_as_inputs_fold(opset: int) -> None:
     listed = {i.name for i in g.input}
     assert {t.name for t in g.initializer} <= listed, "IR 3: every initializer is a graph input"
     assert len(g.input) == 1 + len(g.initializer), "no input left without its initializer"
+    # weights are overwritten in place: same names, same place among the inputs
+    weights = [n.input[1] for n in model.graph.node if n.op_type in ("Conv", "Gemm")]
+    assert [n.input[1] for n in g.node if n.op_type in ("Conv", "Gemm")] == weights
+    old_order = [i.name for i in model.graph.input if i.name in listed]
+    assert [i.name for i in g.input][: len(old_order)] == old_order
 
 
 def test_float16_conv_with_float32_bn_stays_float16() -> None:

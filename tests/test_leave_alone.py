@@ -284,3 +284,29 @@ def test_weight_shared_by_two_convs_folds_into_private_copy() -> None:
     # the second output (conv_b) is untouched bit for bit
     feeds = random_feeds(model)
     np.testing.assert_array_equal(run(model, feeds)[1], run(result.model, feeds)[1])
+
+
+def test_weight_from_constant_node_shared_by_two_convs() -> None:
+    net = Net(opset=17)
+    x = net.input("x", np.float32, [1, 3, 5, 5])
+    w = numpy_helper.from_array(net.rng.standard_normal((4, 3, 3, 3)).astype(np.float32) * 0.3, "v")
+    net.nodes.append(onnx.helper.make_node("Constant", [], ["cw"], name="cw_node", value=w))
+    a = net.bn(net.node("Conv", [x, "cw"], name="conv_a"), 4)
+    b = net.node("Conv", [x, "cw"], name="conv_b")
+    net.output(a, np.float32)
+    net.output(b, np.float32)
+    result = fold_and_check(net.build(), folded=1)
+    g = result.model.graph
+    assert next(n for n in g.node if n.name == "cw_node").attribute[0].t.SerializeToString() == w.SerializeToString()
+    assert list(next(n for n in g.node if n.name == "conv_b").input) == [x, "cw"]
+    assert next(n for n in g.node if n.name == "conv_a").input[1] != "cw"
+
+
+def test_chain_stops_where_an_intermediate_bn_output_is_a_graph_output() -> None:
+    net, y = conv_net()
+    first = net.bn(y, 4, name="bn_a")
+    net.output(net.bn(first, 4, name="bn_b"), np.float32)
+    net.output(first, np.float32)
+    result = fold_and_check(net.build(), folded=1, left=1)
+    assert [(s.node, s.reason) for s in result.report.skips] == [("bn_b", Reason.GRAPH_OUTPUT)]
+    assert [n.op_type for n in result.model.graph.node] == ["Conv", "BatchNormalization"]
