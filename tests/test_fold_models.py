@@ -379,3 +379,50 @@ def test_float16_conv_with_float32_bn_stays_float16() -> None:
     net.output(y, np.float16)
     result = fold_and_check(net.build(), folded=1, dtype=np.float16)
     assert {t.data_type for t in result.model.graph.initializer} == {onnx.TensorProto.FLOAT16}
+
+
+@pytest.mark.parametrize("opset", [11, 13, 18])
+def test_small_constant_subgraphs_fold_and_go(opset: int) -> None:
+    """Weight by Cast+Reshape+Identity, bias by Concat, BN params by Unsqueeze/Squeeze/Slice/Expand."""
+    net = Net(opset=opset, seed=12)
+    rng = net.rng
+
+    def const(name: str, value: np.ndarray) -> str:
+        net.nodes.append(
+            onnx.helper.make_node(
+                "Constant", [], [name], name=f"{name}_node", value=numpy_helper.from_array(value, name)
+            )
+        )
+        return name
+
+    def axes_node(op: str, x: str, axes: list[int]) -> str:
+        if opset >= 13:
+            return net.node(op, [x, const(net.fresh("axes"), np.array(axes, np.int64))])
+        return net.node(op, [x], axes=axes)
+
+    x = net.input("x", np.float32, [1, 3, 6, 6])
+    flat = const("w_flat", (rng.standard_normal(4 * 3 * 9) * 0.3).astype(np.float64))
+    w = net.node("Cast", [flat], to=onnx.TensorProto.FLOAT)
+    w = net.node("Reshape", [w, const("w_shape", np.array([4, 3, 3, 3], np.int64))])
+    w = net.node("Identity", [w])
+    b = net.node(
+        "Concat",
+        [
+            const("b0", rng.standard_normal(2).astype(np.float32)),
+            const("b1", rng.standard_normal(2).astype(np.float32)),
+        ],
+        axis=0,
+    )
+    gamma = axes_node(
+        "Squeeze", axes_node("Unsqueeze", const("g", rng.uniform(0.5, 1.5, 4).astype(np.float32)), [0]), [0]
+    )
+    beta = const("beta", rng.standard_normal(4).astype(np.float32))
+    long_mean = const("m_long", rng.standard_normal(6).astype(np.float32))
+    mean = net.node("Slice", [long_mean, const("s0", np.array([1], np.int64)), const("s1", np.array([5], np.int64))])
+    var = net.node("Expand", [const("v1", np.array([0.7], np.float32)), const("v_shape", np.array([4], np.int64))])
+    y = net.node("Conv", [x, w, b], pads=[1, 1, 1, 1])
+    y = net.node("BatchNormalization", [y, gamma, beta, mean, var])
+    net.output(y, np.float32)
+    model = net.build()
+    result = fold_and_check(model, folded=1)
+    assert [n.op_type for n in result.model.graph.node] == ["Conv"]

@@ -5,9 +5,11 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from builders import Net
+from builders import NEWEST_OPSET, Net
 from foldcheck import fold_and_check, reference_compare
 from helpers import random_feeds, run
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from onnx import numpy_helper
 
 import bnfold
@@ -310,3 +312,89 @@ def test_chain_stops_where_an_intermediate_bn_output_is_a_graph_output() -> None
     result = fold_and_check(net.build(), folded=1, left=1)
     assert [(s.node, s.reason) for s in result.report.skips] == [("bn_b", Reason.GRAPH_OUTPUT)]
     assert [n.op_type for n in result.model.graph.node] == ["Conv", "BatchNormalization"]
+
+
+@pytest.mark.parametrize("second_folds", [True, False])
+def test_bn_parameters_shared_by_two_bns(second_folds: bool) -> None:
+    """Exporters reuse one zeros/ones initializer for several BNs: it goes only when no BN reads it."""
+    net = Net(opset=17, seed=6)
+    x = net.input("x", np.float32, [1, 3, 5, 5])
+    params = net.bn_params(3)
+    shared = [net.init(f"p{k}", v) for k, v in enumerate(params)]
+    a = net.node("Conv", [x, net.weight((3, 3, 3, 3))], name="conv_a")
+    a = net.node("BatchNormalization", [a, *shared], name="bn_a")
+    b = net.node("Conv", [x, net.weight((3, 3, 3, 3))], name="conv_b") if second_folds else net.node("Relu", [x])
+    b = net.node("BatchNormalization", [b, *shared], name="bn_b")
+    net.output(a, np.float32)
+    net.output(b, np.float32)
+    result = fold_and_check(net.build(), folded=2 if second_folds else 1, left=0 if second_folds else 1)
+    left = {t.name for t in result.model.graph.initializer} & set(shared)
+    assert left == (set() if second_folds else set(shared))
+
+
+# ---- odd models never crash the tool -------------------------------------------------
+
+ODDITIES = [
+    "none",
+    "param_length",
+    "param_2d",
+    "param_int",
+    "param_nan",
+    "var_negative",
+    "four_inputs",
+    "weight_int",
+    "weight_2d",
+    "weight_scalar",
+    "empty_bias_name",
+    "no_shapes",
+]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    producer=st.sampled_from(["Conv", "ConvTranspose", "Gemm", "MatMul", "Relu", "Add"]),
+    oddity=st.sampled_from(ODDITIES),
+    opset=st.sampled_from([7, 9, 14, 15, NEWEST_OPSET]),
+)
+def test_odd_models_never_crash(producer: str, oddity: str, opset: int) -> None:
+    net = Net(opset=opset, seed=1)
+    conv = producer.startswith("Conv")
+    shape = [1, 3, 4, 4] if conv else [2, 3]
+    x = net.input("x", np.float32, None if oddity == "no_shapes" else shape)
+    c = 4
+    if conv:
+        wshape = (4, 3, 3, 3) if producer == "Conv" else (3, 4, 3, 3)
+    else:
+        wshape = (3, 4)
+    w = np.ones(wshape, np.float32) * 0.1
+    if oddity == "weight_int":
+        w = w.astype(np.int64)
+    elif oddity == "weight_2d":
+        w = w.reshape(w.shape[0], -1)
+    elif oddity == "weight_scalar":
+        w = np.array(0.5, np.float32)
+    ins = [x, net.init("w", w)]
+    if oddity == "empty_bias_name":
+        ins.append("")
+    y = net.node(producer, ins if producer != "Relu" else [x])
+    params = net.bn_params(c)
+    if oddity == "param_length":
+        params[2] = params[2][:3]
+    elif oddity == "param_2d":
+        params[0] = params[0].reshape(2, 2)
+    elif oddity == "param_int":
+        params[3] = params[3].astype(np.int32)
+    elif oddity == "param_nan":
+        params[1][0] = np.nan
+    elif oddity == "var_negative":
+        params[3][1] = -1.0
+    z = net.bn(y, c, params=params)
+    if oddity == "four_inputs":
+        del net.nodes[-1].input[4]
+    net.output(z, np.float32)
+    model = net.build()
+    result = bnfold.fold_model(model)  # must not raise
+    rep = result.report
+    assert rep.bn_count == 1 and rep.bn_folded + len(rep.skips) == 1
+    if rep.bn_folded == 0:
+        assert result.model.SerializeToString() == model.SerializeToString()
