@@ -11,6 +11,7 @@ from helpers import assert_close, random_feeds, run
 import bnfold
 
 TOL = {
+    np.dtype(np.float64): (1e-12, 1e-10),
     np.dtype(np.float32): (1e-5, 1e-4),
     np.dtype(np.float16): (1e-2, 1e-2),
 }
@@ -65,6 +66,10 @@ def abs_model(model: onnx.ModelProto) -> onnx.ModelProto:
             t.raw_data = bits.tobytes()
         else:
             t.CopyFrom(to_tensor(np.abs(numpy_helper.to_array(t)), t.name))
+    for n in out.graph.node:
+        for a in n.attribute:
+            if a.name in ("alpha", "beta") and a.type == onnx.AttributeProto.FLOAT:
+                a.f = abs(a.f)
     return out
 
 

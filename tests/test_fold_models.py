@@ -124,9 +124,9 @@ def test_conv_bn_folds_and_matches(case) -> None:
 
 
 @st.composite
-def gemm_bn_case(draw):
-    dtype = draw(st.sampled_from([np.float32, np.float16]))
-    opset = draw(st.sampled_from(OPSETS))
+def gemm_bn_case(draw, dtypes=(np.float32, np.float16, np.float64), opsets=OPSETS):
+    dtype = draw(st.sampled_from(dtypes))
+    opset = draw(st.sampled_from(opsets))
     m, k, n = draw(st.integers(1, 4)), draw(st.integers(1, 5)), draw(st.integers(1, 5))
     trans_a, trans_b = draw(st.integers(0, 1)), draw(st.integers(0, 1))
     net = Net(opset=opset, seed=draw(st.integers(0, 2**16)))
@@ -158,9 +158,9 @@ def test_gemm_bn_folds_and_matches(case) -> None:
 
 
 @st.composite
-def matmul_bn_case(draw):
-    dtype = draw(st.sampled_from([np.float32, np.float16]))
-    opset = draw(st.sampled_from(OPSETS))
+def matmul_bn_case(draw, dtypes=(np.float32, np.float16, np.float64), opsets=OPSETS):
+    dtype = draw(st.sampled_from(dtypes))
+    opset = draw(st.sampled_from(opsets))
     m, k, n = draw(st.integers(1, 4)), draw(st.integers(1, 5)), draw(st.integers(1, 5))
     net = Net(opset=opset, seed=draw(st.integers(0, 2**16)))
     x = net.input("x", dtype, [m, k])
@@ -210,6 +210,25 @@ def test_bfloat16_conv_bn_rounds_once(case) -> None:
     _check_dtype(result.model, onnx.TensorProto.BFLOAT16)
     # bfloat16 has 8 significant bits: one rounding is within 2**-8 relative.
     reference_compare(_valid_as_explicit(model), _valid_as_explicit(result.model), unit_roundoff=2.0**-8)
+
+
+REF_OPSETS_BF16_GEMM = list(range(15, NEWEST_OPSET + 1))  # BN takes bfloat16 from opset 15
+
+
+@PROPS
+@given(
+    st.one_of(
+        gemm_bn_case(dtypes=(BF16,), opsets=REF_OPSETS_BF16_GEMM),
+        matmul_bn_case(dtypes=(BF16,), opsets=REF_OPSETS_BF16_GEMM),
+    )
+)
+def test_bfloat16_gemm_and_matmul_bn_round_once(case) -> None:
+    model = case[0]
+    result = bnfold.fold_model(model)
+    assert count_ops(result.model.graph, "BatchNormalization") == 0
+    onnx.checker.check_model(result.model, full_check=True)
+    assert {t.data_type for t in result.model.graph.initializer} == {onnx.TensorProto.BFLOAT16}
+    reference_compare(model, result.model, unit_roundoff=2.0**-8)
 
 
 def _check_dtype(model: onnx.ModelProto, elem: int) -> None:
