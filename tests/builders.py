@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
 import ml_dtypes
 import numpy as np
 import onnx
+from numpy.typing import DTypeLike
 from onnx import TensorProto, helper, numpy_helper
+
+Shape = Sequence[int | str] | None
 
 NEWEST_OPSET = onnx.defs.onnx_opset_version()
 BF16 = np.dtype(ml_dtypes.bfloat16)
 LIGHT_ZOO = os.path.join(os.path.dirname(onnx.__file__), "backend", "test", "data", "light")
 
 
-def elem_type(dtype) -> int:
+def elem_type(dtype: DTypeLike) -> int:
     """ONNX element type of a numpy dtype (bfloat16 included)."""
     dtype = np.dtype(dtype)
     if dtype == BF16:
@@ -55,12 +59,12 @@ class Net:
         self._k += 1
         return f"{base}{self._k}"
 
-    def input(self, name: str, dtype, shape) -> str:
+    def input(self, name: str, dtype: DTypeLike, shape: Shape) -> str:
         """Add a graph input."""
         self.inputs.append(helper.make_tensor_value_info(name, elem_type(dtype), shape))
         return name
 
-    def output(self, name: str, dtype, shape=None) -> str:
+    def output(self, name: str, dtype: DTypeLike, shape: Shape = None) -> str:
         """Mark ``name`` as a graph output."""
         self.outputs.append(helper.make_tensor_value_info(name, elem_type(dtype), shape))
         return name
@@ -77,13 +81,17 @@ class Net:
         self.nodes.append(helper.make_node(op, inputs, outs, name=name, **attrs))
         return outs[0]
 
-    def weight(self, shape, dtype=np.float32, name: str | None = None, fan_in: int | None = None) -> str:
+    def weight(
+        self, shape: Sequence[int], dtype: DTypeLike = np.float32, name: str | None = None, fan_in: int | None = None
+    ) -> str:
         """A random normal initializer scaled by ``1/sqrt(fan_in)``."""
         fan_in = fan_in or int(np.prod(shape[1:])) or 1
         v = (self.rng.standard_normal(shape) / np.sqrt(fan_in)).astype(dtype)
         return self.init(name or self.fresh("w"), v)
 
-    def bn_params(self, c: int, dtype=np.float32, stats_dtype=None) -> list[np.ndarray]:
+    def bn_params(
+        self, c: int, dtype: DTypeLike = np.float32, stats_dtype: DTypeLike | None = None
+    ) -> list[np.ndarray]:
         """Random gamma, beta, mean, var (var > 0.5) of ``c`` channels."""
         stats_dtype = stats_dtype or dtype
         gamma = (self.rng.uniform(0.5, 1.5, c) * self.rng.choice([-1, 1], c)).astype(dtype)
@@ -96,11 +104,11 @@ class Net:
         self,
         x: str,
         c: int,
-        dtype=np.float32,
+        dtype: DTypeLike = np.float32,
         *,
         params: list[np.ndarray] | None = None,
-        param_dtype=None,
-        stats_dtype=None,
+        param_dtype: DTypeLike | None = None,
+        stats_dtype: DTypeLike | None = None,
         name: str | None = None,
         n_out: int = 1,
         **attrs,

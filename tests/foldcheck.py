@@ -7,6 +7,7 @@ import onnx
 import reference as ref
 from builders import count_ops
 from helpers import assert_close, random_feeds, run
+from numpy.typing import DTypeLike
 
 import bnfold
 
@@ -22,7 +23,7 @@ def fold_and_check(
     *,
     folded: int | None = None,
     left: int = 0,
-    dtype=np.float32,
+    dtype: DTypeLike = np.float32,
     feeds: dict[str, np.ndarray] | None = None,
     scale_atol: bool = False,
     **kwargs,
@@ -73,7 +74,7 @@ def abs_model(model: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
-def reference_compare(original: onnx.ModelProto, folded: onnx.ModelProto, unit_roundoff: float, seed: int = 0):
+def reference_compare(original: onnx.ModelProto, folded: onnx.ModelProto, unit_roundoff: float, seed: int = 0) -> None:
     """Evaluate both models in float64 (tests/reference.py) and bound the difference.
 
     The original computes BN exactly from its stored parameters; the folded model's

@@ -22,7 +22,9 @@ def _f64(a: np.ndarray) -> np.ndarray:
     return np.asarray(a).astype(F64)
 
 
-def same_pads(in_shape: Sequence[int], kernel: Sequence[int], strides, dilations, upper: bool) -> list[int]:
+def same_pads(
+    in_shape: Sequence[int], kernel: Sequence[int], strides: Sequence[int], dilations: Sequence[int], upper: bool
+) -> list[int]:
     """Conv pads ``[begin..., end...]`` for ``auto_pad`` SAME_UPPER (``upper``) or SAME_LOWER."""
     begin, end = [], []
     for n, k, s, d in zip(in_shape, kernel, strides, dilations, strict=True):
