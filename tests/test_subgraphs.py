@@ -253,3 +253,18 @@ def test_outer_bn_whose_conv_output_is_read_in_a_branch_is_left() -> None:
     model = net.build()
     result = fold_and_check(model, folded=0, left=1, feeds=feeds(True))
     assert result.report.skips[0].reason == Reason.OUTPUT_SHARED
+
+
+def test_ir3_if_branches_reading_outer_listed_initializers() -> None:
+    """IR 3: outer initializers are listed as inputs (still constants); folded branches pass the checker."""
+    outer = [to_tensor(_w((4, 3, 3, 3)), "W"), *_bn_inits("obn")]
+    then_g = conv_bn_body("then", "x", "W", "t_out", bn_prefix="obn")
+    else_g = conv_bn_body("else", "x", "W", "e_out", bn_prefix="obn")
+    model = if_model(then_g, else_g, outer)
+    model.ir_version = 3
+    model.opset_import[0].version = 8
+    model.graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in outer)
+    for cond in (True, False):
+        result = fold_and_check(model, folded=2, feeds=feeds(cond))
+    assert _inits(result.model.graph) == set()
+    assert [i.name for i in result.model.graph.input] == ["x", "cond"]
