@@ -98,17 +98,21 @@ def _fold_graph(
                 where = f"{path}/{display_name(node)}.{a.name}" + (f"[{k}]" if len(inner) > 1 else "")
                 from_inner |= _fold_graph(g, ctx, view, where, report)
     skips: list[Skip] = []
+    stopped: set[str] = set()  # every name some pass stopped reading
+    local: set[str] = set()  # every name this graph defined at some point
     for _ in range(MAX_PASSES):
         view = GraphView(graph, ctx, outer, path)
+        local |= set(view.producer) | set(view.initializers) | view.inputs
         view.disconnected |= from_inner
         from_inner = set()
         changed, skips = _one_pass(view, report)
         view.commit()
+        stopped |= view.disconnected
         if not changed:
             break
     report.skips.extend(skips)
-    local = set(view.producer) | set(view.initializers) | view.inputs
-    return {n for n in view.disconnected if n not in local}
+    local |= set(view.producer) | set(view.initializers) | view.inputs
+    return {n for n in stopped if n not in local}
 
 
 def _one_pass(view: GraphView, report: FoldReport) -> tuple[bool, list[Skip]]:

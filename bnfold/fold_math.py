@@ -28,8 +28,10 @@ def bn_affine(
     """Return ``(s, t)`` with ``BN(x) == s * x + t`` per channel, in float64."""
     gamma, beta, mean, var = (np.asarray(a, dtype=F64) for a in (gamma, beta, mean, var))
     # eps is a float32 attribute; onnxruntime adds it in float32 too.
-    s = gamma / np.sqrt(var + F64(np.float32(eps)))
-    t = beta - mean * s
+    # var + eps == 0 gives inf/nan here; callers reject non-finite results.
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        s = gamma / np.sqrt(var + F64(np.float32(eps)))
+        t = beta - mean * s
     return s, t
 
 
@@ -140,10 +142,10 @@ def round_to(x: np.ndarray, dtype: np.dtype, what: str = "value") -> np.ndarray:
         raise FoldValueError("non_finite", f"folded {what} is not finite")
     limit = dtype_max(np.dtype(dtype))
     biggest = float(np.max(np.abs(x))) if x.size else 0.0
-    out = x.astype(dtype)
-    if biggest > limit or not np.all(np.isfinite(out.astype(F64))):
+    # Check before casting: a value beyond the maximum would round to inf (and warn).
+    if biggest > limit:
         raise FoldValueError(
             "dtype_overflow",
             f"folded {what} reaches {biggest:.3g}, beyond the {np.dtype(dtype).name} maximum {limit:.3g}",
         )
-    return out
+    return x.astype(dtype)

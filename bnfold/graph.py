@@ -258,11 +258,22 @@ class GraphView:
         private copy under a fresh name.
         """
         t = self.initializers.get(name)
-        if t is not None and self.only_consumer(name, reader) and name not in self.inputs:
+        # In IR < 4 every initializer is listed as an input by convention (still a
+        # constant): overwrite it in place too, so names and input order stay.
+        listed_by_convention = self.ctx.ir_version < 4
+        if t is not None and self.only_consumer(name, reader) and (name not in self.inputs or listed_by_convention):
             t.CopyFrom(numpy_helper.from_array(value, name))
             self._cache[name] = value
+            if name in self.inputs:
+                self._retype_input(name, t)
             return name
         return self.add_constant(base, value)
+
+    def _retype_input(self, name: str, t: onnx.TensorProto) -> None:
+        """Make the graph-input entry of an IR < 4 initializer match its (possibly reshaped) value."""
+        for i in self.graph.input:
+            if i.name == name:
+                i.type.CopyFrom(onnx.helper.make_tensor_type_proto(t.data_type, list(t.dims)))
 
     def insert_after(self, anchor: onnx.NodeProto, node: onnx.NodeProto) -> None:
         """Queue ``node`` to go right after ``anchor``."""

@@ -90,6 +90,10 @@ def read_bn(view: GraphView, node: onnx.NodeProto) -> Affine:
     opset = view.ctx.opset
     if attr(node, "training_mode", 0) or (opset < 7 and not attr(node, "is_test", 0)):
         raise Rejected(Reason.TRAINING_MODE, "training mode is set")
+    if 7 <= opset < 14 and any(node.output[1:]):
+        # BatchNormalization-7/9 run in training mode (batch statistics) whenever
+        # they have the mean/var outputs, whether or not anything reads them.
+        raise Rejected(Reason.TRAINING_MODE, "it has statistics outputs, which means training mode before opset 14")
     if any(o and (view.users(o) or view.is_graph_output(o)) for o in node.output[1:]):
         raise Rejected(Reason.TRAINING_MODE, "its running or saved statistics outputs are used")
     if opset < 9 and attr(node, "spatial", 1) == 0:
@@ -113,6 +117,8 @@ def read_bn(view: GraphView, node: onnx.NodeProto) -> Affine:
     if np.any(var < 0):
         raise Rejected(Reason.INVALID_PARAMS, "the running variance is negative")
     s, t = fm.bn_affine(gamma, beta, mean, var, attr(node, "epsilon", 1e-5))
+    if not (np.all(np.isfinite(s)) and np.all(np.isfinite(t))):
+        raise Rejected(Reason.NON_FINITE, "scale / sqrt(var + epsilon) is not finite (var + epsilon is 0)")
     return Affine(node, node.input[0], s, t)
 
 
