@@ -128,13 +128,39 @@ def data_rank(view: GraphView, name: str) -> int | None:
         return None if w is None else len(w)
     if p.op_type == "Gemm":
         return 2
-    if p.op_type in AFFINE_OPS and p.input:
+    if p.op_type == "BatchNormalization" and p.input:
         return data_rank(view, p.input[0])
+    if p.op_type in AFFINE_OPS and len(p.input) == 2:
+        # Broadcasting: the output has the larger rank of the two inputs.
+        ranks = [data_rank(view, i) for i in p.input]
+        return None if None in ranks else max(ranks)  # type: ignore[type-var]
+    return None
+
+
+def channel_dim(view: GraphView, name: str) -> int | None:
+    """Size of axis 1 of ``name`` when shape inference (or the Conv making it) tells it."""
+    tp = view.ctx.value_types.get(name)
+    if tp is not None and tp.HasField("tensor_type") and tp.tensor_type.HasField("shape"):
+        dims = tp.tensor_type.shape.dim
+        if len(dims) > 1 and dims[1].HasField("dim_value"):
+            return dims[1].dim_value
+    p = view.producer_of(name)
+    if p is not None and p.op_type == "Conv" and list(p.output).index(name) == 0:
+        w = view.static_shape(p.input[1])
+        return None if w is None else w[0]
     return None
 
 
 def read_arith(view: GraphView, node: onnx.NodeProto) -> Affine | None:
-    """A Mul/Add/Sub/Div with one per-channel float constant as an affine map, else None."""
+    """A Mul/Add/Sub/Div by one float constant as a per-channel affine map.
+
+    Returns None when the node is no candidate at all (no constant operand, two
+    constants, a non-float constant, ``c / x``); raises :class:`Rejected` when the
+    constant is not a scalar or per-channel on axis 1, when broadcasting it would
+    change the output shape, or when a divisor is zero.  Broadcasting follows
+    numpy rules: the constant's dims align with the data's *last* dims, so a
+    ``[C]`` constant is per-channel on ``[N, C]`` but runs along W on NCHW.
+    """
     if len(node.input) != 2:
         return None
     consts = [view.constant(i) for i in node.input]
@@ -146,16 +172,31 @@ def read_arith(view: GraphView, node: onnx.NodeProto) -> Affine | None:
         return None
     if node.op_type == "Div" and k == 0:
         return None  # c / x is not affine
+    op, where = node.op_type, f"the {node.op_type} constant {list(c.shape)}"
     rank = data_rank(view, data)
-    if rank is None or rank < 2 or c.ndim > rank:
-        return None
+    if rank is None:
+        raise Rejected(Reason.UNKNOWN_RANK, f"the rank of '{data}' is unknown")
+    if rank < 2:
+        raise Rejected(Reason.SHAPE_MISMATCH, f"'{data}' is {rank}-D: it has no channel axis")
+    if c.ndim > rank:
+        raise Rejected(Reason.SHAPE_MISMATCH, f"{where} has more dims than the {rank}-D data: it would change the rank")
+    if c.size == 0:
+        raise Rejected(Reason.SHAPE_MISMATCH, f"{where} is empty")
     shape = (1,) * (rank - c.ndim) + c.shape
     if any(d != 1 for i, d in enumerate(shape) if i != 1):
-        return None  # varies over batch or spatial positions
-    v = c.astype(np.float64).reshape(-1) if shape[1] > 1 else np.float64(c.reshape(-1)[0])
-    v = np.asarray(v)
+        raise Rejected(
+            Reason.NOT_PER_CHANNEL, f"{where} against {rank}-D data varies over axes other than the channel axis 1"
+        )
+    if shape[1] > 1:
+        have = channel_dim(view, data)
+        if have is not None and have != shape[1]:
+            raise Rejected(
+                Reason.SHAPE_MISMATCH, f"{where} against {have} channel(s) of '{data}' would change the output shape"
+            )
+        v = c.astype(np.float64).reshape(-1)
+    else:
+        v = np.asarray(c.reshape(-1)[0], dtype=np.float64)
     one, zero = np.ones_like(v), np.zeros_like(v)
-    op = node.op_type
     if op == "Mul":
         s, t = v, zero
     elif op == "Add":
@@ -164,7 +205,7 @@ def read_arith(view: GraphView, node: onnx.NodeProto) -> Affine | None:
         s, t = (one, -v) if k == 1 else (-one, v)
     else:
         if np.any(v == 0):
-            return None
+            raise Rejected(Reason.NON_FINITE, f"{where} has a zero divisor")
         s, t = 1.0 / v, zero
     return Affine(node, data, s, t)
 
@@ -390,18 +431,29 @@ def conv_pads_nothing(conv: onnx.NodeProto) -> bool:
 
 
 def into_next_conv(view: GraphView, aff: Affine, conv: onnx.NodeProto) -> str:
-    """Affine before an unpadded Conv: ``W' = W * s[c]``, ``b' = b + sum W * t[c]``."""
+    """Affine before an unpadded Conv: ``W' = W * s[c]``, ``b' = b + sum W * t[c]``.
+
+    Exact only when the Conv reads no padded zeros (padding happens after the
+    affine map, so padded positions would see ``0`` instead of ``t``).
+    """
     out = aff.node.output[0]
-    if list(conv.input).index(out) != 0 or not view.only_consumer(out, conv):
-        raise Rejected(Reason.OUTPUT_SHARED, "its output has other consumers than the Conv")
+    if list(conv.input).count(out) != 1 or conv.input[0] != out:
+        raise Rejected(Reason.UNSUPPORTED_PRODUCER, f"it feeds {display_name(conv)} other than as its data input")
+    if not view.only_consumer(out, conv):
+        raise Rejected(Reason.OUTPUT_SHARED_AFTER, f"its output '{out}' has other consumers or is a graph output")
+    if not conv_pads_nothing(conv):
+        raise Rejected(Reason.PADDED_CONSUMER, f"the following Conv {display_name(conv)} pads its input")
     w = weight(view, conv)
     b = const_input(view, conv, 2, "bias")
     group = attr(conv, "group", 1)
-    if not conv_pads_nothing(conv):
-        raise Rejected(Reason.PADDED_CONSUMER, f"the following Conv {display_name(conv)} pads its input")
     if w.ndim < 3 or w.shape[0] % group:
         raise Rejected(Reason.SHAPE_MISMATCH, f"Conv weight {list(w.shape)} does not fit group={group}")
-    s, t = aff.per_channel(w.shape[1] * group)
+    cin = w.shape[1] * group
+    if not aff.is_bn and aff.channels is not None and channel_dim(view, aff.data) != cin:
+        # A [1, C, 1, 1] constant on a 1-channel tensor broadcasts it to C channels:
+        # the Conv could not read the un-broadcast data.
+        raise Rejected(Reason.SHAPE_MISMATCH, f"'{aff.data}' does not have the {cin} channels the Conv reads")
+    s, t = aff.per_channel(cin)
     w2, b2 = fm.fold_into_next_conv(w, b, s, t, group)
     w2, b2 = rounded(w2, w.dtype, "weight"), rounded(b2, w.dtype, "bias")
     write_input(view, conv, 1, w2, f"{conv.input[1]}_bnfold")
@@ -410,6 +462,23 @@ def into_next_conv(view: GraphView, aff: Affine, conv: onnx.NodeProto) -> str:
     view.vanish(out)
     view.set_input(conv, 0, aff.data)
     return aff.node.op_type + "+Conv"
+
+
+def consumer_blocked(view: GraphView, aff: Affine) -> Rejected | None:
+    """Why no consumer fold was tried although a consumer could absorb ``aff``.
+
+    The engine tries a consumer fold only when the affine node's output has a
+    single reader and is no graph output; when a Conv (or another consumer-fold
+    op) reads it among others, that sharing is the reason it stays.
+    """
+    out = aff.node.output[0]
+    users = view.users(out)
+    if not any(u.op_type in CONSUMER_FOLDS and u.domain in ("", "ai.onnx") for u in users):
+        return None
+    if len(users) == 1 and not view.is_graph_output(out):
+        return None
+    why = "is a graph output" if view.is_graph_output(out) else f"feeds {len(users)} nodes"
+    return Rejected(Reason.OUTPUT_SHARED_AFTER, f"its output '{out}' {why}, so the Conv after it cannot absorb it")
 
 
 Fold = Callable[[GraphView, Affine, onnx.NodeProto], str]
@@ -428,3 +497,29 @@ PRODUCER_FOLDS: dict[str, Fold] = {
 CONSUMER_FOLDS: dict[str, Fold] = {
     "Conv": into_next_conv,
 }
+
+# producers next to which a Mul/Add/Sub/Div by a constant looks like a frozen BN
+_REPORT_NEXT_TO = ("Conv", "ConvTranspose", "Gemm", "BatchNormalization")
+
+
+def arith_worth_reporting(view: GraphView, node: onnx.NodeProto, rejected: Rejected) -> bool:
+    """Whether a Mul/Add/Sub/Div by a float constant that stays deserves a report line.
+
+    Only nodes next to an op that could absorb them (a Conv, ConvTranspose, Gemm or
+    BN before, a Conv after) and only real reasons: ``unsupported_producer`` means
+    "nothing to fold into", which for arithmetic is the normal case, not news.
+    Bias Adds after a MatMul are not reported either (they are already minimal).
+    """
+    if node.op_type not in AFFINE_OPS[1:] or node.domain not in ("", "ai.onnx") or len(node.input) != 2:
+        return False
+    if rejected.reason == Reason.UNSUPPORTED_PRODUCER:
+        return False
+    consts = [view.constant(i) for i in node.input]
+    if (consts[0] is None) == (consts[1] is None):
+        return False
+    data = node.input[1] if consts[0] is not None else node.input[0]
+    producer = view.producer_of(data)
+    if producer is not None and producer.op_type in _REPORT_NEXT_TO and producer.domain in ("", "ai.onnx"):
+        return True
+    users = view.users(node.output[0])
+    return any(u.op_type in CONSUMER_FOLDS and u.domain in ("", "ai.onnx") for u in users)
