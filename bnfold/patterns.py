@@ -116,24 +116,37 @@ def read_bn(view: GraphView, node: onnx.NodeProto) -> Affine:
 
 
 def data_rank(view: GraphView, name: str) -> int | None:
-    """Rank of ``name`` from shape inference, else from the op that makes it."""
-    r = view.rank(name)
-    if r is not None:
-        return r
-    p = view.producer_of(name)
-    if p is None:
+    """Rank of ``name`` from shape inference, else from the op that makes it.
+
+    Without shape information, follows the data input back through BNs and
+    Mul/Add/Sub/Div by a constant (a constant of higher rank raises the rank)
+    to a Conv, ConvTranspose or Gemm, iteratively (deep chains, no recursion).
+    """
+    extra = 0
+    for _ in range(len(view.nodes) + 1):
+        r = view.rank(name)
+        if r is not None:
+            return max(r, extra)
+        p = view.producer_of(name)
+        if p is None:
+            return None
+        if p.op_type in ("Conv", "ConvTranspose"):
+            w = view.static_shape(p.input[1])
+            return None if w is None else max(len(w), extra)
+        if p.op_type == "Gemm":
+            return max(2, extra)
+        if p.op_type == "BatchNormalization" and p.input:
+            name = p.input[0]
+            continue
+        if p.op_type in AFFINE_OPS and len(p.input) == 2:
+            consts = [view.constant(i) for i in p.input]
+            if (consts[0] is None) == (consts[1] is None):
+                return None
+            k = 0 if consts[0] is not None else 1
+            extra = max(extra, consts[k].ndim)
+            name = p.input[1 - k]
+            continue
         return None
-    if p.op_type in ("Conv", "ConvTranspose"):
-        w = view.static_shape(p.input[1])
-        return None if w is None else len(w)
-    if p.op_type == "Gemm":
-        return 2
-    if p.op_type == "BatchNormalization" and p.input:
-        return data_rank(view, p.input[0])
-    if p.op_type in AFFINE_OPS and len(p.input) == 2:
-        # Broadcasting: the output has the larger rank of the two inputs.
-        ranks = [data_rank(view, i) for i in p.input]
-        return None if None in ranks else max(ranks)  # type: ignore[type-var]
     return None
 
 
