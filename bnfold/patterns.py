@@ -391,27 +391,33 @@ def into_matmul(view: GraphView, aff: Affine, mm: onnx.NodeProto) -> str:
 
 
 def into_matmul_add(view: GraphView, aff: Affine, add: onnx.NodeProto) -> str:
-    """Affine after ``MatMul(x, W) + bias``: scale W's columns, fold into the bias."""
+    """Affine after ``MatMul(x, W) + bias`` (or ``- bias``): scale W's columns, fold into the bias.
+
+    A ``Sub(MatMul(x, W), c)`` is a bias too (``-c``); it stays a Sub and its
+    constant becomes the negated folded bias.
+    """
+    op = add.op_type
     if len(add.input) != 2:
-        raise Rejected(Reason.UNSUPPORTED_PRODUCER, "Add with other than two inputs")
+        raise Rejected(Reason.UNSUPPORTED_PRODUCER, f"{op} with other than two inputs")
     k = 1 if view.constant(add.input[1]) is not None else 0
     bias, x = view.constant(add.input[k]), add.input[1 - k]
     mm = view.producer_of(x)
-    if bias is None or mm is None or mm.op_type != "MatMul":
-        raise Rejected(Reason.UNSUPPORTED_PRODUCER, "its input comes from an Add that is not a MatMul bias")
+    if bias is None or mm is None or mm.op_type != "MatMul" or (op == "Sub" and k != 1):
+        raise Rejected(Reason.UNSUPPORTED_PRODUCER, f"its input comes from an {op} that is not a MatMul bias")
     if not view.only_consumer(x, add):
         raise Rejected(Reason.OUTPUT_SHARED, f"the MatMul output '{x}' has other consumers")
     w = _matmul_weight(view, mm)
     n = w.shape[1]
     if bias.size not in (1, n) or bias.ndim > 2 or (bias.ndim == 2 and bias.shape[0] != 1):
         raise Rejected(Reason.NOT_PER_CHANNEL, f"the MatMul bias has shape {list(bias.shape)}")
+    sign = -1.0 if op == "Sub" else 1.0
     s, t = aff.per_channel(n)
-    w2, b2 = fm.fold_matmul(w, np.broadcast_to(bias.reshape(-1), (n,)), s, t)
-    w2, b2 = rounded(w2, w.dtype, "weight"), rounded(b2, bias.dtype, "bias")
+    w2, b2 = fm.fold_matmul(w, sign * np.broadcast_to(bias.reshape(-1), (n,)).astype(np.float64), s, t)
+    w2, b2 = rounded(w2, w.dtype, "weight"), rounded(sign * b2, bias.dtype, "bias")
     write_input(view, mm, 1, w2, f"{mm.input[1]}_bnfold")
     write_input(view, add, k, b2, f"{display_name(add)}_bias_bnfold")
     splice_out(view, aff, add)
-    return "MatMul+Add+" + aff.node.op_type
+    return f"MatMul+{op}+{aff.node.op_type}"
 
 
 def into_bn(view: GraphView, aff: Affine, bn: onnx.NodeProto) -> str:
@@ -503,6 +509,7 @@ PRODUCER_FOLDS: dict[str, Fold] = {
     "Gemm": into_gemm,
     "MatMul": into_matmul,
     "Add": into_matmul_add,
+    "Sub": into_matmul_add,
     "BatchNormalization": into_bn,
 }
 
