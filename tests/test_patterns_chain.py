@@ -177,6 +177,11 @@ def expected_chain(kind: str, chain: list[str]) -> tuple[Counter, Counter]:
     seed=st.integers(0, 2**31 - 1),
 )
 def test_chain_folds_into_producer(case, chain, seed) -> None:
+    check_chain(case, chain, seed)
+
+
+def check_chain(case, chain: list[tuple[str, int, bool]], seed: int) -> None:
+    """Append ``chain`` (op, constant-shape pick, constant first) to the producer, fold, check."""
     nodes, inits, inputs, x, rank, c, kind = case
     rng = np.random.default_rng(seed)
     shapes = per_channel_shapes(rank, c)
@@ -200,6 +205,34 @@ def test_chain_folds_into_producer(case, chain, seed) -> None:
     assert result.report.affine_skips == []
     # Folding again changes nothing.
     assert bnfold.fold_model(result.model).report.folds == []
+
+
+@pytest.mark.parametrize(
+    "chain",
+    [
+        ["Sub", "Mul"],
+        ["Sub", "Div", "RSub"],
+        ["Add", "Mul", "Sub"],
+        ["RSub", "Mul"],
+        ["Mul", "Add", "Div"],
+        ["Div", "RSub", "Add"],
+    ],
+)
+def test_matmul_chains(chain: list[str]) -> None:
+    """Every way a chain after a MatMul meets (or makes) its bias Add/Sub, per-column constants."""
+    rng = np.random.default_rng(5)
+    kk, n = 3, 4
+    case = (
+        [helper.make_node("MatMul", ["x", "w"], ["p"], name="producer")],
+        [init("w", he_weight(rng, (kk, n), kk))],
+        [("x", F32, [3, kk])],
+        "p",
+        2,
+        n,
+        "MatMul",
+    )
+    # pick 3 of per_channel_shapes(2, n) is [n]; 4 is [1, n]
+    check_chain(case, [(op, 3 + k % 2, False) for k, op in enumerate(chain)], seed=6)
 
 
 def test_frozen_bn_conv_mul_add_ends_as_one_conv() -> None:
