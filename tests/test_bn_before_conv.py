@@ -351,3 +351,73 @@ def test_float16_bn_before_conv() -> None:
     assert initializer(result.model, conv.input[1]).dtype == np.float16
     assert initializer(result.model, conv.input[2]).dtype == np.float16
     assert patterns(result) == Counter({"BatchNormalization+Conv": 1})
+
+
+# ---------------------------------------------------------------------------
+# Chains of BNs and per-channel Mul/Add/Sub/Div before an unpadded Conv
+# ---------------------------------------------------------------------------
+
+CHAIN_OPS = ("BN", "Mul", "Add", "Sub", "RSub", "Div")
+
+
+def expected_before_conv(chain: list[str]) -> Counter:
+    """Pattern names for Relu -> chain -> unpadded Conv.
+
+    A BN folds forward into the Conv.  An arithmetic op right after a BN (or after
+    ops already merged into it) folds into that BN first (producer folds win);
+    any other arithmetic op folds forward into the Conv.
+    """
+    names: Counter = Counter()
+    after_bn = False
+    for op in chain:
+        kind = "Sub" if op == "RSub" else op
+        if op == "BN":
+            names["BatchNormalization+Conv"] += 1
+            after_bn = True
+        elif after_bn:
+            names[f"BatchNormalization+{kind}"] += 1
+        else:
+            names[f"{kind}+Conv"] += 1
+    return names
+
+
+@settings(max_examples=35, deadline=None)
+@given(
+    chain=st.lists(st.tuples(st.sampled_from(CHAIN_OPS), st.integers(0, 20)), min_size=1, max_size=4),
+    dims=st.integers(1, 3),
+    g=st.integers(1, 3),
+    cin_g=st.integers(1, 2),
+    cout_g=st.integers(1, 2),
+    k=st.integers(1, 2),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_chain_before_unpadded_conv_folds(chain, dims, g, cin_g, cout_g, k, seed) -> None:
+    rng = np.random.default_rng(seed)
+    c, rank = g * cin_g, dims + 2
+    # Scalar or per-channel constant shapes for a rank-`rank` tensor with c channels.
+    shapes = [(), (1,), (1,) * rank, (c,) + (1,) * (rank - 2), (1, c) + (1,) * (rank - 2)]
+    nodes = [helper.make_node("Relu", ["x"], ["h0"], name="relu")]
+    inits = []
+    for i, (op, pick) in enumerate(chain):
+        x, y = f"h{i}", f"h{i + 1}"
+        if op == "BN":
+            inits += bn_params(rng, f"bn{i}", c)
+            nodes.append(bn_node(f"bn{i}", x, y))
+            continue
+        shape = shapes[pick % len(shapes)]
+        if op in ("Mul", "Div"):
+            v = rng.uniform(0.5, 2.0, shape) * rng.choice([-1.0, 1.0], shape)
+        else:
+            v = rng.normal(0.0, 1.0, shape)
+        inits.append(init(f"k{i}", np.asarray(v, dtype=np.float32)))
+        ins = [f"k{i}", x] if op == "RSub" else [x, f"k{i}"]
+        nodes.append(helper.make_node("Sub" if op == "RSub" else op, ins, [y], name=f"op{i}"))
+    inits.append(init("w", he_weight(rng, (g * cout_g, cin_g) + (k,) * dims, cin_g * k**dims)))
+    nodes.append(helper.make_node("Conv", [f"h{len(chain)}", "w"], ["y"], name="conv", group=g))
+    model = make_model(nodes, inits, [("x", F32, [2, c] + [3] * dims)], ["y"])
+    result = fold_checked(model)
+    ops_chain = [op for op, _ in chain]
+    assert ops(result.model) == Counter({"Relu": 1, "Conv": 1})
+    assert patterns(result) == expected_before_conv(ops_chain)
+    assert result.report.skips == [] and result.report.affine_skips == []
+    assert result.report.bn_folded == ops_chain.count("BN")
