@@ -101,18 +101,20 @@ def _fold_graph(
                 from_inner |= _fold_graph(g, ctx, view, where, report)
     skips: list[Skip] = []
     affine_skips: list[Skip] = []
+    stopped: set[str] = set()  # names any pass stopped reading (the last pass usually changes nothing)
     for _ in range(MAX_PASSES):
         view = GraphView(graph, ctx, outer, path)
         view.disconnected |= from_inner
         from_inner = set()
         changed, skips, affine_skips = _one_pass(view, report)
         view.commit()
+        stopped |= view.disconnected
         if not changed:
             break
     report.skips.extend(skips)
     report.affine_skips.extend(affine_skips)
     local = set(view.producer) | set(view.initializers) | view.inputs
-    return {n for n in view.disconnected if n not in local}
+    return {n for n in stopped if n not in local}
 
 
 def _one_pass(view: GraphView, report: FoldReport) -> tuple[bool, list[Skip], list[Skip]]:

@@ -569,3 +569,60 @@ def test_float16_overflow_is_left_with_reason() -> None:
     result = bnfold.fold_model(model)
     assert result.model.graph == model.graph
     assert [(s.node, s.reason.value) for s in result.report.affine_skips] == [("mul", "dtype_overflow")]
+
+
+def test_chain_in_if_branch_with_outer_constants() -> None:
+    """Conv -> Mul -> Add inside an If branch, weight and constants from the outer graph.
+
+    The branch gets private folded constants; the outer ones nothing reads any more are removed.
+    """
+    from helpers import run
+    from onnx import TensorProto
+
+    rng = np.random.default_rng(16)
+    c = 3
+    then_g = helper.make_graph(
+        [
+            helper.make_node("Conv", ["x", "w"], ["p"], name="conv"),
+            helper.make_node("Mul", ["p", "k"], ["m"], name="mul"),
+            helper.make_node("Add", ["m", "t"], ["yt"], name="add"),
+        ],
+        "then",
+        [],
+        [helper.make_tensor_value_info("yt", F32, [2, c, 4, 4])],
+    )
+    else_g = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["ye"], name="relu")],
+        "else",
+        [],
+        [helper.make_tensor_value_info("ye", F32, [2, c, 4, 4])],
+    )
+    graph = helper.make_graph(
+        [helper.make_node("If", ["cond"], ["y"], name="if", then_branch=then_g, else_branch=else_g)],
+        "g",
+        [
+            helper.make_tensor_value_info("x", F32, [2, c, 4, 4]),
+            helper.make_tensor_value_info("cond", TensorProto.BOOL, []),
+        ],
+        [helper.make_tensor_value_info("y", F32, [2, c, 4, 4])],
+        [
+            init("w", he_weight(rng, (c, c, 1, 1), c)),
+            init("k", arith_value(rng, "Mul", (1, c, 1, 1))),
+            init("t", arith_value(rng, "Add", (c, 1, 1))),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    result = fold_checked(model, compare=False)
+    assert [(f.pattern, f.graph) for f in result.report.folds] == [
+        ("Conv+Mul", "main/if.then_branch"),
+        ("Conv+Add", "main/if.then_branch"),
+    ]
+    then_nodes = next(a.g for a in result.model.graph.node[0].attribute if a.name == "then_branch").node
+    assert [n.op_type for n in then_nodes] == ["Conv"]
+    assert list(result.model.graph.initializer) == [], "outer constants nothing reads must go"
+    x = rng.standard_normal((2, c, 4, 4)).astype(np.float32)
+    for cond in (True, False):
+        feeds = {"x": x, "cond": np.array(cond)}
+        np.testing.assert_allclose(run(model, feeds)[0], run(result.model, feeds)[0], rtol=1e-4, atol=1e-5)
