@@ -164,11 +164,14 @@ def _fold_one(view: GraphView, aff: Affine) -> tuple[str, onnx.NodeProto]:
                 return fold(view, aff, consumer), consumer
             except Rejected as r:
                 rejections.append(r)
-    if rejections:
-        raise rejections[0]
     blocked = consumer_blocked(view, aff)
     if blocked is not None:
-        raise blocked
+        rejections.append(blocked)
+    if rejections:
+        # "unsupported_producer" only says the neighbour is no fold target; a
+        # specific reason (padded Conv after it, shared output, ...) says more.
+        specific = [r for r in rejections if r.reason != Reason.UNSUPPORTED_PRODUCER]
+        raise (specific or rejections)[0]
     before = producer.op_type if producer is not None else "a graph input"
     after = ", ".join(sorted({u.op_type for u in users})) or "nothing"
     raise Rejected(Reason.UNSUPPORTED_PRODUCER, f"its input comes from {before} and its output goes to {after}")

@@ -403,7 +403,9 @@ def into_matmul_add(view: GraphView, aff: Affine, add: onnx.NodeProto) -> str:
     bias, x = view.constant(add.input[k]), add.input[1 - k]
     mm = view.producer_of(x)
     if bias is None or mm is None or mm.op_type != "MatMul" or (op == "Sub" and k != 1):
-        raise Rejected(Reason.UNSUPPORTED_PRODUCER, f"its input comes from an {op} that is not a MatMul bias")
+        raise Rejected(
+            Reason.UNSUPPORTED_PRODUCER, f"its input comes from {op} '{display_name(add)}', not a MatMul bias"
+        )
     if not view.only_consumer(x, add):
         raise Rejected(Reason.OUTPUT_SHARED, f"the MatMul output '{x}' has other consumers")
     w = _matmul_weight(view, mm)

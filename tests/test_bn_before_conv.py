@@ -421,3 +421,33 @@ def test_chain_before_unpadded_conv_folds(chain, dims, g, cin_g, cout_g, k, seed
     assert patterns(result) == expected_before_conv(ops_chain)
     assert result.report.skips == [] and result.report.affine_skips == []
     assert result.report.bn_folded == ops_chain.count("BN")
+
+
+@pytest.mark.parametrize(("after", "reason"), [("padded_conv", "padded_consumer"), ("conv_and_relu", "output_shared")])
+def test_bn_after_residual_add_reports_the_consumer_reason(after: str, reason: str) -> None:
+    """Residual Add -> BN -> Conv: the Add absorbs nothing, so the Conv side gives the reason."""
+    rng = np.random.default_rng(30)
+    c = 3
+    nodes = [
+        helper.make_node("Relu", ["x"], ["r"], name="relu"),
+        helper.make_node("Add", ["x", "r"], ["s"], name="residual"),
+        bn_node("bn", "s", "b"),
+    ]
+    if after == "padded_conv":
+        nodes.append(helper.make_node("Conv", ["b", "w"], ["y"], name="conv", pads=[1, 1, 1, 1]))
+        outputs = ["y"]
+    else:
+        nodes += [
+            helper.make_node("Conv", ["b", "w"], ["y"], name="conv"),
+            helper.make_node("Relu", ["b"], ["z"], name="other"),
+        ]
+        outputs = ["y", "z"]
+    model = make_model(
+        nodes,
+        [*bn_params(rng, "bn", c), init("w", he_weight(rng, (2, c, 3, 3), 9 * c))],
+        [("x", F32, [1, c, 5, 5])],
+        outputs,
+    )
+    result = fold_checked(model)
+    assert result.model.graph == model.graph
+    assert [(s.node, s.reason.value) for s in result.report.skips] == [("bn", reason)]
