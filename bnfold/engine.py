@@ -12,6 +12,8 @@ from .patterns import (
     PRODUCER_FOLDS,
     Affine,
     Rejected,
+    arith_worth_reporting,
+    consumer_blocked,
     display_name,
     read_affine,
     require_private_output,
@@ -98,26 +100,29 @@ def _fold_graph(
                 where = f"{path}/{display_name(node)}.{a.name}" + (f"[{k}]" if len(inner) > 1 else "")
                 from_inner |= _fold_graph(g, ctx, view, where, report)
     skips: list[Skip] = []
-    stopped: set[str] = set()  # every name some pass stopped reading
+    affine_skips: list[Skip] = []
+    stopped: set[str] = set()  # every name some pass stopped reading (the last pass usually changes nothing)
     local: set[str] = set()  # every name this graph defined at some point
     for _ in range(MAX_PASSES):
         view = GraphView(graph, ctx, outer, path)
         local |= set(view.producer) | set(view.initializers) | view.inputs
         view.disconnected |= from_inner
         from_inner = set()
-        changed, skips = _one_pass(view, report)
+        changed, skips, affine_skips = _one_pass(view, report)
         view.commit()
         stopped |= view.disconnected
         if not changed:
             break
     report.skips.extend(skips)
+    report.affine_skips.extend(affine_skips)
     local |= set(view.producer) | set(view.initializers) | view.inputs
     return {n for n in stopped if n not in local}
 
 
-def _one_pass(view: GraphView, report: FoldReport) -> tuple[bool, list[Skip]]:
+def _one_pass(view: GraphView, report: FoldReport) -> tuple[bool, list[Skip], list[Skip]]:
     changed = False
     skips: list[Skip] = []
+    affine_skips: list[Skip] = []
     for node in view.nodes:
         if view.position[id(node)] in view.removed:
             continue
@@ -131,10 +136,12 @@ def _one_pass(view: GraphView, report: FoldReport) -> tuple[bool, list[Skip]]:
         except Rejected as r:
             if is_bn:
                 skips.append(Skip(name, r.reason, r.message, view.path))
+            elif arith_worth_reporting(view, node, r):
+                affine_skips.append(Skip(name, r.reason, r.message, view.path, op_type))
             continue
         report.folds.append(Fold(name, op_type, display_name(target), target.op_type, pattern, view.path))
         changed = True
-    return changed, skips
+    return changed, skips, affine_skips
 
 
 def _fold_one(view: GraphView, aff: Affine) -> tuple[str, onnx.NodeProto]:
@@ -159,8 +166,14 @@ def _fold_one(view: GraphView, aff: Affine) -> tuple[str, onnx.NodeProto]:
                 return fold(view, aff, consumer), consumer
             except Rejected as r:
                 rejections.append(r)
+    blocked = consumer_blocked(view, aff)
+    if blocked is not None:
+        rejections.append(blocked)
     if rejections:
-        raise rejections[0]
+        # "unsupported_producer" only says the neighbour is no fold target; a
+        # specific reason (padded Conv after it, shared output, ...) says more.
+        specific = [r for r in rejections if r.reason != Reason.UNSUPPORTED_PRODUCER]
+        raise (specific or rejections)[0]
     before = producer.op_type if producer is not None else "a graph input"
     after = ", ".join(sorted({u.op_type for u in users})) or "nothing"
     raise Rejected(Reason.UNSUPPORTED_PRODUCER, f"its input comes from {before} and its output goes to {after}")

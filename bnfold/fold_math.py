@@ -142,10 +142,11 @@ def round_to(x: np.ndarray, dtype: np.dtype, what: str = "value") -> np.ndarray:
         raise FoldValueError("non_finite", f"folded {what} is not finite")
     limit = dtype_max(np.dtype(dtype))
     biggest = float(np.max(np.abs(x))) if x.size else 0.0
-    # Check before casting: a value beyond the maximum would round to inf (and warn).
-    if biggest > limit:
+    with np.errstate(over="ignore"):  # overflow is reported below, not warned about
+        out = x.astype(dtype)
+    if biggest > limit or not np.all(np.isfinite(out.astype(F64))):
         raise FoldValueError(
             "dtype_overflow",
             f"folded {what} reaches {biggest:.3g}, beyond the {np.dtype(dtype).name} maximum {limit:.3g}",
         )
-    return x.astype(dtype)
+    return out

@@ -123,25 +123,64 @@ def read_bn(view: GraphView, node: onnx.NodeProto) -> Affine:
 
 
 def data_rank(view: GraphView, name: str) -> int | None:
-    """Rank of ``name`` from shape inference, else from the op that makes it."""
-    r = view.rank(name)
-    if r is not None:
-        return r
-    p = view.producer_of(name)
-    if p is None:
+    """Rank of ``name`` from shape inference, else from the op that makes it.
+
+    Without shape information, follows the data input back through BNs and
+    Mul/Add/Sub/Div by a constant (a constant of higher rank raises the rank)
+    to a Conv, ConvTranspose or Gemm, iteratively (deep chains, no recursion).
+    """
+    extra = 0
+    for _ in range(len(view.nodes) + 1):
+        r = view.rank(name)
+        if r is not None:
+            return max(r, extra)
+        p = view.producer_of(name)
+        if p is None:
+            return None
+        if p.op_type in ("Conv", "ConvTranspose"):
+            w = view.static_shape(p.input[1])
+            return None if w is None else max(len(w), extra)
+        if p.op_type == "Gemm":
+            return max(2, extra)
+        if p.op_type == "BatchNormalization" and p.input:
+            name = p.input[0]
+            continue
+        if p.op_type in AFFINE_OPS and len(p.input) == 2:
+            consts = [view.constant(i) for i in p.input]
+            if (consts[0] is None) == (consts[1] is None):
+                return None
+            k = 0 if consts[0] is not None else 1
+            extra = max(extra, consts[k].ndim)
+            name = p.input[1 - k]
+            continue
         return None
-    if p.op_type in ("Conv", "ConvTranspose"):
+    return None
+
+
+def channel_dim(view: GraphView, name: str) -> int | None:
+    """Size of axis 1 of ``name`` when shape inference (or the Conv making it) tells it."""
+    tp = view.ctx.value_types.get(name)
+    if tp is not None and tp.HasField("tensor_type") and tp.tensor_type.HasField("shape"):
+        dims = tp.tensor_type.shape.dim
+        if len(dims) > 1 and dims[1].HasField("dim_value"):
+            return dims[1].dim_value
+    p = view.producer_of(name)
+    if p is not None and p.op_type == "Conv" and list(p.output).index(name) == 0:
         w = view.static_shape(p.input[1])
-        return None if w is None else len(w)
-    if p.op_type == "Gemm":
-        return 2
-    if p.op_type in AFFINE_OPS and p.input:
-        return data_rank(view, p.input[0])
+        return None if w is None else w[0]
     return None
 
 
 def read_arith(view: GraphView, node: onnx.NodeProto) -> Affine | None:
-    """A Mul/Add/Sub/Div with one per-channel float constant as an affine map, else None."""
+    """A Mul/Add/Sub/Div by one float constant as a per-channel affine map.
+
+    Returns None when the node is no candidate at all (no constant operand, two
+    constants, a non-float constant, ``c / x``); raises :class:`Rejected` when the
+    constant is not a scalar or per-channel on axis 1, when broadcasting it would
+    change the output shape, or when a divisor is zero.  Broadcasting follows
+    numpy rules: the constant's dims align with the data's *last* dims, so a
+    ``[C]`` constant is per-channel on ``[N, C]`` but runs along W on NCHW.
+    """
     if len(node.input) != 2:
         return None
     consts = [view.constant(i) for i in node.input]
@@ -153,16 +192,31 @@ def read_arith(view: GraphView, node: onnx.NodeProto) -> Affine | None:
         return None
     if node.op_type == "Div" and k == 0:
         return None  # c / x is not affine
+    op, where = node.op_type, f"the {node.op_type} constant {list(c.shape)}"
     rank = data_rank(view, data)
-    if rank is None or rank < 2 or c.ndim > rank:
-        return None
+    if rank is None:
+        raise Rejected(Reason.UNKNOWN_RANK, f"the rank of '{data}' is unknown")
+    if rank < 2:
+        raise Rejected(Reason.SHAPE_MISMATCH, f"'{data}' is {rank}-D: it has no channel axis")
+    if c.ndim > rank:
+        raise Rejected(Reason.SHAPE_MISMATCH, f"{where} has more dims than the {rank}-D data: it would change the rank")
+    if c.size == 0:
+        raise Rejected(Reason.SHAPE_MISMATCH, f"{where} is empty")
     shape = (1,) * (rank - c.ndim) + c.shape
     if any(d != 1 for i, d in enumerate(shape) if i != 1):
-        return None  # varies over batch or spatial positions
-    v = c.astype(np.float64).reshape(-1) if shape[1] > 1 else np.float64(c.reshape(-1)[0])
-    v = np.asarray(v)
+        raise Rejected(
+            Reason.NOT_PER_CHANNEL, f"{where} against {rank}-D data varies over axes other than the channel axis 1"
+        )
+    if shape[1] > 1:
+        have = channel_dim(view, data)
+        if have is not None and have != shape[1]:
+            raise Rejected(
+                Reason.SHAPE_MISMATCH, f"{where} against {have} channel(s) of '{data}' would change the output shape"
+            )
+        v = c.astype(np.float64).reshape(-1)
+    else:
+        v = np.asarray(c.reshape(-1)[0], dtype=np.float64)
     one, zero = np.ones_like(v), np.zeros_like(v)
-    op = node.op_type
     if op == "Mul":
         s, t = v, zero
     elif op == "Add":
@@ -171,7 +225,7 @@ def read_arith(view: GraphView, node: onnx.NodeProto) -> Affine | None:
         s, t = (one, -v) if k == 1 else (-one, v)
     else:
         if np.any(v == 0):
-            return None
+            raise Rejected(Reason.NON_FINITE, f"{where} has a zero divisor")
         s, t = 1.0 / v, zero
     return Affine(node, data, s, t)
 
@@ -344,27 +398,35 @@ def into_matmul(view: GraphView, aff: Affine, mm: onnx.NodeProto) -> str:
 
 
 def into_matmul_add(view: GraphView, aff: Affine, add: onnx.NodeProto) -> str:
-    """Affine after ``MatMul(x, W) + bias``: scale W's columns, fold into the bias."""
+    """Affine after ``MatMul(x, W) + bias`` (or ``- bias``): scale W's columns, fold into the bias.
+
+    A ``Sub(MatMul(x, W), c)`` is a bias too (``-c``); it stays a Sub and its
+    constant becomes the negated folded bias.
+    """
+    op = add.op_type
     if len(add.input) != 2:
-        raise Rejected(Reason.UNSUPPORTED_PRODUCER, "Add with other than two inputs")
+        raise Rejected(Reason.UNSUPPORTED_PRODUCER, f"{op} with other than two inputs")
     k = 1 if view.constant(add.input[1]) is not None else 0
     bias, x = view.constant(add.input[k]), add.input[1 - k]
     mm = view.producer_of(x)
-    if bias is None or mm is None or mm.op_type != "MatMul":
-        raise Rejected(Reason.UNSUPPORTED_PRODUCER, "its input comes from an Add that is not a MatMul bias")
+    if bias is None or mm is None or mm.op_type != "MatMul" or (op == "Sub" and k != 1):
+        raise Rejected(
+            Reason.UNSUPPORTED_PRODUCER, f"its input comes from {op} '{display_name(add)}', not a MatMul bias"
+        )
     if not view.only_consumer(x, add):
         raise Rejected(Reason.OUTPUT_SHARED, f"the MatMul output '{x}' has other consumers")
     w = _matmul_weight(view, mm)
     n = w.shape[1]
     if bias.size not in (1, n) or bias.ndim > 2 or (bias.ndim == 2 and bias.shape[0] != 1):
         raise Rejected(Reason.NOT_PER_CHANNEL, f"the MatMul bias has shape {list(bias.shape)}")
+    sign = -1.0 if op == "Sub" else 1.0
     s, t = aff.per_channel(n)
-    w2, b2 = fm.fold_matmul(w, np.broadcast_to(bias.reshape(-1), (n,)), s, t)
-    w2, b2 = rounded(w2, w.dtype, "weight"), rounded(b2, bias.dtype, "bias")
+    w2, b2 = fm.fold_matmul(w, sign * np.broadcast_to(bias.reshape(-1), (n,)).astype(np.float64), s, t)
+    w2, b2 = rounded(w2, w.dtype, "weight"), rounded(sign * b2, bias.dtype, "bias")
     write_input(view, mm, 1, w2, f"{mm.input[1]}_bnfold")
     write_input(view, add, k, b2, f"{display_name(add)}_bias_bnfold")
     splice_out(view, aff, add)
-    return "MatMul+Add+" + aff.node.op_type
+    return f"MatMul+{op}+{aff.node.op_type}"
 
 
 def into_bn(view: GraphView, aff: Affine, bn: onnx.NodeProto) -> str:
@@ -397,10 +459,18 @@ def conv_pads_nothing(conv: onnx.NodeProto) -> bool:
 
 
 def into_next_conv(view: GraphView, aff: Affine, conv: onnx.NodeProto) -> str:
-    """Affine before an unpadded Conv: ``W' = W * s[c]``, ``b' = b + sum W * t[c]``."""
+    """Affine before an unpadded Conv: ``W' = W * s[c]``, ``b' = b + sum W * t[c]``.
+
+    Exact only when the Conv reads no padded zeros (padding happens after the
+    affine map, so padded positions would see ``0`` instead of ``t``).
+    """
     out = aff.node.output[0]
-    if list(conv.input).index(out) != 0 or not view.only_consumer(out, conv):
-        raise Rejected(Reason.OUTPUT_SHARED, "its output has other consumers than the Conv")
+    if list(conv.input).count(out) != 1 or conv.input[0] != out:
+        raise Rejected(Reason.UNSUPPORTED_PRODUCER, f"it feeds {display_name(conv)} other than as its data input")
+    if not view.only_consumer(out, conv):
+        raise Rejected(Reason.OUTPUT_SHARED_AFTER, f"its output '{out}' has other consumers or is a graph output")
+    if not conv_pads_nothing(conv):
+        raise Rejected(Reason.PADDED_CONSUMER, f"the following Conv {display_name(conv)} pads its input")
     w = weight(view, conv)
     b = const_input(view, conv, 2, "bias")
     group = attr(conv, "group", 1)
@@ -408,7 +478,12 @@ def into_next_conv(view: GraphView, aff: Affine, conv: onnx.NodeProto) -> str:
         raise Rejected(Reason.PADDED_CONSUMER, f"the following Conv {display_name(conv)} pads its input")
     if w.ndim < 3 or group < 1 or w.shape[0] % group:
         raise Rejected(Reason.SHAPE_MISMATCH, f"Conv weight {list(w.shape)} does not fit group={group}")
-    s, t = aff.per_channel(w.shape[1] * group)
+    cin = w.shape[1] * group
+    if not aff.is_bn and aff.channels is not None and channel_dim(view, aff.data) != cin:
+        # A [1, C, 1, 1] constant on a 1-channel tensor broadcasts it to C channels:
+        # the Conv could not read the un-broadcast data.
+        raise Rejected(Reason.SHAPE_MISMATCH, f"'{aff.data}' does not have the {cin} channels the Conv reads")
+    s, t = aff.per_channel(cin)
     w2, b2 = fm.fold_into_next_conv(w, b, s, t, group)
     w2, b2 = rounded(w2, w.dtype, "weight"), rounded(b2, w.dtype, "bias")
     write_input(view, conv, 1, w2, f"{conv.input[1]}_bnfold")
@@ -417,6 +492,23 @@ def into_next_conv(view: GraphView, aff: Affine, conv: onnx.NodeProto) -> str:
     view.vanish(out)
     view.set_input(conv, 0, aff.data)
     return aff.node.op_type + "+Conv"
+
+
+def consumer_blocked(view: GraphView, aff: Affine) -> Rejected | None:
+    """Why no consumer fold was tried although a consumer could absorb ``aff``.
+
+    The engine tries a consumer fold only when the affine node's output has a
+    single reader and is no graph output; when a Conv (or another consumer-fold
+    op) reads it among others, that sharing is the reason it stays.
+    """
+    out = aff.node.output[0]
+    users = view.users(out)
+    if not any(u.op_type in CONSUMER_FOLDS and u.domain in ("", "ai.onnx") for u in users):
+        return None
+    if len(users) == 1 and not view.is_graph_output(out):
+        return None
+    why = "is a graph output" if view.is_graph_output(out) else f"feeds {len(users)} nodes"
+    return Rejected(Reason.OUTPUT_SHARED_AFTER, f"its output '{out}' {why}, so the Conv after it cannot absorb it")
 
 
 Fold = Callable[[GraphView, Affine, onnx.NodeProto], str]
@@ -428,6 +520,7 @@ PRODUCER_FOLDS: dict[str, Fold] = {
     "Gemm": into_gemm,
     "MatMul": into_matmul,
     "Add": into_matmul_add,
+    "Sub": into_matmul_add,
     "BatchNormalization": into_bn,
 }
 
@@ -435,3 +528,29 @@ PRODUCER_FOLDS: dict[str, Fold] = {
 CONSUMER_FOLDS: dict[str, Fold] = {
     "Conv": into_next_conv,
 }
+
+# producers next to which a Mul/Add/Sub/Div by a constant looks like a frozen BN
+_REPORT_NEXT_TO = ("Conv", "ConvTranspose", "Gemm", "BatchNormalization")
+
+
+def arith_worth_reporting(view: GraphView, node: onnx.NodeProto, rejected: Rejected) -> bool:
+    """Whether a Mul/Add/Sub/Div by a float constant that stays deserves a report line.
+
+    Only nodes next to an op that could absorb them (a Conv, ConvTranspose, Gemm or
+    BN before, a Conv after) and only real reasons: ``unsupported_producer`` means
+    "nothing to fold into", which for arithmetic is the normal case, not news.
+    Bias Adds after a MatMul are not reported either (they are already minimal).
+    """
+    if node.op_type not in AFFINE_OPS[1:] or node.domain not in ("", "ai.onnx") or len(node.input) != 2:
+        return False
+    if rejected.reason == Reason.UNSUPPORTED_PRODUCER:
+        return False
+    consts = [view.constant(i) for i in node.input]
+    if (consts[0] is None) == (consts[1] is None):
+        return False
+    data = node.input[1] if consts[0] is not None else node.input[0]
+    producer = view.producer_of(data)
+    if producer is not None and producer.op_type in _REPORT_NEXT_TO and producer.domain in ("", "ai.onnx"):
+        return True
+    users = view.users(node.output[0])
+    return any(u.op_type in CONSUMER_FOLDS and u.domain in ("", "ai.onnx") for u in users)

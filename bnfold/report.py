@@ -26,6 +26,7 @@ class Reason(str, Enum):
     UNSUPPORTED_PRODUCER = "unsupported_producer"
     PADDED_CONSUMER = "padded_consumer"
     NOT_PER_CHANNEL = "not_per_channel"
+    OUTPUT_SHARED_AFTER = "output_shared"
 
 
 REASON_TEXT: dict[Reason, str] = {
@@ -43,6 +44,7 @@ REASON_TEXT: dict[Reason, str] = {
     Reason.UNSUPPORTED_PRODUCER: "nothing next to it can absorb it",
     Reason.PADDED_CONSUMER: "the following Conv pads its input (padded zeros are not normalized)",
     Reason.NOT_PER_CHANNEL: "the constant is not per-channel",
+    Reason.OUTPUT_SHARED_AFTER: "its output has another consumer or is a graph output (the next Conv cannot absorb it)",
 }
 
 
@@ -60,12 +62,17 @@ class Fold:
 
 @dataclass(frozen=True)
 class Skip:
-    """One BatchNormalization left in the model, with a reason code and a sentence."""
+    """One affine node left in the model, with a reason code and a sentence.
+
+    ``FoldReport.skips`` holds the BatchNormalization nodes; ``FoldReport.affine_skips``
+    the Mul/Add/Sub/Div-by-a-constant nodes next to a foldable op that were left.
+    """
 
     node: str
     reason: Reason
     message: str
     graph: str = "main"
+    op_type: str = "BatchNormalization"
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -80,6 +87,7 @@ class FoldReport:
     bn_count: int = 0
     folds: list[Fold] = field(default_factory=list)
     skips: list[Skip] = field(default_factory=list)
+    affine_skips: list[Skip] = field(default_factory=list)
     nodes_before: int = 0
     nodes_after: int = 0
 
@@ -98,6 +106,7 @@ class FoldReport:
             "nodes_after": self.nodes_after,
             "folds": [asdict(f) for f in self.folds],
             "skips": [s.to_dict() for s in self.skips],
+            "affine_left": [s.to_dict() for s in self.affine_skips],
         }
 
     def summary_lines(self) -> list[str]:
@@ -111,4 +120,7 @@ class FoldReport:
         for s in self.skips:
             where = "" if s.graph == "main" else f" (in {s.graph})"
             lines.append(f"  left {s.node}{where}: {s.reason.value}: {s.message}")
+        for s in self.affine_skips:
+            where = "" if s.graph == "main" else f" (in {s.graph})"
+            lines.append(f"  left {s.op_type} {s.node}{where}: {s.reason.value}: {s.message}")
         return lines
