@@ -212,15 +212,16 @@ def describe(o: ModelOutcome, command: str) -> list[str]:
         lines.append(
             f"  nodes {r['nodes_before']} -> {r['nodes_after']}, size {_size(o.size_before)} -> {_size(o.size_after)}"
         )
-    for s in r["skips"]:
+    for s in [*r["skips"], *r.get("affine_left", [])]:
         where = "" if s["graph"] == "main" else f" (in {s['graph']})"
-        lines.append(f"  left {s['node']}{where}: {s['reason']}: {s['message']}")
+        op = "" if s.get("op_type", "BatchNormalization") == "BatchNormalization" else f"{s['op_type']} "
+        lines.append(f"  left {op}{s['node']}{where}: {s['reason']}: {s['message']}")
     return lines
 
 
 def summary_table(outcomes: list[ModelOutcome], command: str) -> list[str]:
     """One row per model, for batches."""
-    rows = [("model", "status", "BN", "foldable" if command == "check" else "folded", "left", "size")]
+    rows = [("model", "status", "BN", "foldable" if command == "check" else "folds", "BN left", "size")]
     for o in outcomes:
         r = o.report or {}
         rows.append(
@@ -228,7 +229,7 @@ def summary_table(outcomes: list[ModelOutcome], command: str) -> list[str]:
                 o.input,
                 o.status,
                 str(r.get("bn_found", "-")),
-                str(r.get("bn_folded", "-")),
+                str(len(r["folds"])) if r else "-",
                 str(r.get("bn_left", "-")),
                 f"{_size(o.size_before)} -> {_size(o.size_after)}" if o.size_after else _size(o.size_before),
             )

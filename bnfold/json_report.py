@@ -25,8 +25,8 @@ _FOLD = {
 }
 _SKIP = {
     "type": "object",
-    "required": ["node", "reason", "message", "graph"],
-    "properties": {k: {"type": "string"} for k in ("node", "reason", "message", "graph")},
+    "required": ["node", "op_type", "reason", "message", "graph"],
+    "properties": {k: {"type": "string"} for k in ("node", "op_type", "reason", "message", "graph")},
 }
 _MODEL = {
     "type": "object",
@@ -49,6 +49,7 @@ _MODEL = {
         "bn_left": _NUM_OR_NULL,
         "folds": {"type": "array", "items": _FOLD},
         "skips": {"type": "array", "items": _SKIP},
+        "affine_left": {"type": "array", "items": _SKIP},
         "verification": {"type": ["object", "null"]},
         "timings": {"type": "object"},
     },
