@@ -293,6 +293,12 @@ class GraphView:
                 self.graph.node.insert(i + 1 + k, n)
             if i in self.removed:
                 del self.graph.node[i]
+        if self.ctx.ir_version < 4 and self.outer is not None:
+            # IR < 4 lists initializers among the graph inputs, but a nested graph's
+            # inputs are its formal parameters (Loop/Scan state): use Constant nodes.
+            for k, t in enumerate(self.new_initializers):
+                self.graph.node.insert(k, onnx.helper.make_node("Constant", [], [t.name], value=t))
+            self.new_initializers = []
         self.graph.initializer.extend(self.new_initializers)
         if self.ctx.ir_version < 4:
             # IR < 4 convention: every initializer is also listed as a graph input.

@@ -268,3 +268,48 @@ def test_ir3_if_branches_reading_outer_listed_initializers() -> None:
         result = fold_and_check(model, folded=2, feeds=feeds(cond))
     assert _inits(result.model.graph) == set()
     assert [i.name for i in result.model.graph.input] == ["x", "cond"]
+
+
+def test_ir3_loop_body_keeps_its_formal_inputs() -> None:
+    """IR 3: a folded Loop body gets its new weights as Constant nodes, never as extra body inputs."""
+    winit = to_tensor(_w((4, 3, 3, 3)), "W")
+    body = conv_bn_body(
+        "body",
+        "x",
+        "W",
+        "scan_y",
+        inputs=[
+            helper.make_tensor_value_info("i", TensorProto.INT64, [1]),
+            helper.make_tensor_value_info("c_in", TensorProto.BOOL, [1]),
+            helper.make_tensor_value_info("v_in", F, [1]),
+        ],
+        extra_nodes=[
+            helper.make_node("Identity", ["c_in"], ["c_out"], name="body_cond"),
+            helper.make_node("Identity", ["v_in"], ["v_out"], name="body_state"),
+        ],
+        extra_outputs=[
+            helper.make_tensor_value_info("c_out", TensorProto.BOOL, [1]),
+            helper.make_tensor_value_info("v_out", F, [1]),
+        ],
+        bn_prefix="obn",
+    )
+    outer = [to_tensor(np.array([2], dtype=np.int64), "trip"), to_tensor(np.zeros(1, np.float32), "v0"), winit]
+    outer += _bn_inits("obn")
+    loop = helper.make_node("Loop", ["trip", "cond", "v0"], ["v_final", "y"], name="loop", body=body)
+    g = helper.make_graph(
+        [loop],
+        "main",
+        [helper.make_tensor_value_info("x", F, X_SHAPE), helper.make_tensor_value_info("cond", TensorProto.BOOL, [1])],
+        [helper.make_tensor_value_info("y", F, [2, *Y_SHAPE])],
+        outer,
+    )
+    g.input.extend(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in outer)
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 8)])
+    model.ir_version = 3
+    rng = np.random.default_rng(0)
+    feed = {"x": rng.standard_normal(X_SHAPE).astype(np.float32), "cond": np.array([True])}
+    result = fold_and_check(model, folded=1, feeds=feed)
+    body = result.model.graph.node[0].attribute[0].g
+    assert [i.name for i in body.input] == ["i", "c_in", "v_in"]
+    assert "BatchNormalization" not in [n.op_type for n in body.node]
+    assert [n.op_type for n in body.node].count("Constant") == 2  # the folded weight and the new bias
