@@ -26,6 +26,7 @@ class Reason(str, Enum):
     UNSUPPORTED_PRODUCER = "unsupported_producer"
     PADDED_CONSUMER = "padded_consumer"
     NOT_PER_CHANNEL = "not_per_channel"
+    EXCLUDED = "excluded"
 
 
 REASON_TEXT: dict[Reason, str] = {
@@ -43,6 +44,7 @@ REASON_TEXT: dict[Reason, str] = {
     Reason.UNSUPPORTED_PRODUCER: "nothing next to it can absorb it",
     Reason.PADDED_CONSUMER: "the following Conv pads its input (padded zeros are not normalized)",
     Reason.NOT_PER_CHANNEL: "the constant is not per-channel",
+    Reason.EXCLUDED: "left out on request (--keep-safe: its fold failed verification)",
 }
 
 
