@@ -4,9 +4,9 @@ onnxruntime has no CPU kernel for float64 or bfloat16 Conv (and none at all for
 bfloat16 arithmetic), so verifying a fold of such a model needs another engine.
 This one covers the ops around folds: Conv and ConvTranspose (1-D to 3-D, groups,
 strides, pads, dilations, ``auto_pad``), BatchNormalization in inference mode,
-Gemm, MatMul, elementwise arithmetic and activations, and the reshaping ops
-exporters put between them.  It is a verifier's tool, not a runtime: slow,
-single-threaded, main graph only.
+Gemm, MatMul, elementwise arithmetic and activations, the reshaping ops
+exporters put between them, and a few others (Where, Gather, ArgMax, Softmax).
+It is a verifier's tool, not a runtime: slow, single-threaded, main graph only.
 
 Precision: every op computes in float64 and rounds its result to the dtype of
 its float inputs (float16, bfloat16, float32 or float64), as a runtime of that
@@ -338,6 +338,18 @@ def _pool(node, ins, opset, reduce: str):
     return [y.astype(ins[0].dtype)]
 
 
+def _argmax(node, ins, opset):
+    x = _f64(ins[0])
+    axis = _attr(node, "axis", 0)
+    if _attr(node, "select_last_index", 0):
+        y = x.shape[axis] - 1 - np.argmax(np.flip(x, axis=axis), axis=axis)
+    else:
+        y = np.argmax(x, axis=axis)
+    if _attr(node, "keepdims", 1):
+        y = np.expand_dims(y, axis)
+    return [y.astype(np.int64)]
+
+
 def _unary(fn: Callable[[np.ndarray], np.ndarray]) -> Op:
     def op(node, ins, opset):
         return [np.asarray(fn(_f64(ins[0]))).astype(ins[0].dtype)]
@@ -397,6 +409,10 @@ OPS: dict[str, Op] = {
     "Transpose": lambda node, ins, opset: [np.transpose(ins[0], _attr(node, "perm"))],
     "Concat": lambda node, ins, opset: [np.concatenate(ins, axis=_attr(node, "axis"))],
     "Constant": _constant,
+    "Where": lambda node, ins, opset: [np.where(ins[0], ins[1], ins[2]).astype(_out_dtype(ins[1], ins[2]))],
+    "Gather": lambda node, ins, opset: [np.take(ins[0], ins[1].astype(np.int64), axis=_attr(node, "axis", 0))],
+    "ArgMax": _argmax,
+    "Not": lambda node, ins, opset: [np.logical_not(ins[0])],
     **{name: _from_constants(name) for name in constants.EVALUATORS},
 }
 

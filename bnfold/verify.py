@@ -346,7 +346,8 @@ def write_for_runtime(model: onnx.ModelProto, folder: str, base_dir: str | None 
     """
     path = os.path.join(folder, "model.onnx")
     data_name = "model.data"
-    moved: list[tuple[onnx.TensorProto, list[tuple[str, str]] | None, int, int]] = []
+    # (tensor, its external_data entries or data_location before, offset, length)
+    moved: list[tuple[onnx.TensorProto, list[tuple[str, str]] | int | None, int, int]] = []
     try:
         with open(os.path.join(folder, data_name), "wb") as f:
             for t in _tensors(model.graph):
@@ -354,7 +355,7 @@ def write_for_runtime(model: onnx.ModelProto, folder: str, base_dir: str | None 
                     old = [(e.key, e.value) for e in t.external_data]
                     blob = _read_external(t, base_dir)
                 elif t.HasField("raw_data") and len(t.raw_data) >= EXTERNAL_MIN_BYTES:
-                    old, blob = None, t.raw_data
+                    old, blob = (t.data_location if t.HasField("data_location") else None), t.raw_data
                     t.ClearField("raw_data")
                 else:
                     continue
@@ -392,11 +393,14 @@ def _restore(moved: list, data_path: str) -> None:
         return
     with open(data_path, "rb") as f:
         for t, old, offset, length in moved:
-            if old is not None:
+            if isinstance(old, list):
                 _set_external(t, old)
                 continue
             del t.external_data[:]
-            t.data_location = onnx.TensorProto.DEFAULT
+            if old is None:
+                t.ClearField("data_location")
+            else:
+                t.data_location = old
             f.seek(offset)
             t.raw_data = f.read(length)
 
