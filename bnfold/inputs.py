@@ -265,7 +265,7 @@ def resolve_shapes(
                 out.append(-1)
                 unknown.append(axis)
         if unknown:
-            example = ",".join(str(v) if v >= 0 else _placeholder(spec.dims[i]) for i, v in enumerate(out))
+            example = ",".join(str(v) if v >= 0 else _placeholder(spec.dims[i], i) for i, v in enumerate(out))
             which = ", ".join(f"{a} ({spec.dims[a] or '?'})" for a in unknown)
             raise InputShapeError(
                 f"input '{spec.name}' {_fmt(spec.dims)} has unknown dimension(s) {which}: "
@@ -275,8 +275,11 @@ def resolve_shapes(
     return shapes
 
 
-def _placeholder(d: Dim) -> str:
-    return str(d).upper().replace(" ", "_") if d else "D"
+def _placeholder(d: Dim, axis: int) -> str:
+    """What to show for an unknown dimension in the example: its symbol when it reads well."""
+    if isinstance(d, str) and d.isidentifier() and len(d) <= 16:
+        return d
+    return f"D{axis}"
 
 
 # ---------------------------------------------------------------------------

@@ -66,7 +66,7 @@ def conv_chain(
         nodes,
         "conv_chain",
         [helper.make_tensor_value_info("input", elem, dims)],
-        [helper.make_tensor_value_info("output", elem, None)],
+        [helper.make_tensor_value_info("output", elem, [dims[0], channels[-1], dims[2], dims[3]])],
         inits,
     )
     return model(g, opset=opset, ir=10 if opset >= 21 else 8)
@@ -91,8 +91,8 @@ def two_outputs(seed: int = 0) -> onnx.ModelProto:
             helper.make_tensor_value_info("v", TensorProto.FLOAT, ["N", 5]),
         ],
         [
-            helper.make_tensor_value_info("image", TensorProto.FLOAT, None),
-            helper.make_tensor_value_info("vector", TensorProto.FLOAT, None),
+            helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 4, 6, 6]),
+            helper.make_tensor_value_info("vector", TensorProto.FLOAT, ["N", 6]),
         ],
         inits,
     )
@@ -130,10 +130,10 @@ def int_bool_model(seed: int = 0, vocab: int = 10) -> onnx.ModelProto:
             helper.make_tensor_value_info("ids", TensorProto.INT64, ["N", 3]),
         ],
         [
-            helper.make_tensor_value_info("masked", TensorProto.FLOAT, None),
-            helper.make_tensor_value_info("embedded", TensorProto.FLOAT, None),
-            helper.make_tensor_value_info("argmax", TensorProto.INT64, None),
-            helper.make_tensor_value_info("inverse", TensorProto.BOOL, None),
+            helper.make_tensor_value_info("masked", TensorProto.FLOAT, ["N", 4, 5, 5]),
+            helper.make_tensor_value_info("embedded", TensorProto.FLOAT, ["N", 3, 2]),
+            helper.make_tensor_value_info("argmax", TensorProto.INT64, ["N", 5, 5]),
+            helper.make_tensor_value_info("inverse", TensorProto.BOOL, ["N", 4, 5, 5]),
         ],
         inits,
     )
@@ -153,7 +153,7 @@ def custom_op_model() -> onnx.ModelProto:
         nodes,
         "custom",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 4, 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 4, 4])],
         inits,
     )
     return model(g, extra_opsets=[helper.make_opsetid("com.example", 1)])
@@ -186,7 +186,7 @@ def steep_head(offset: float = 2e4, k: float = 5.0, seed: int = 1) -> onnx.Model
         nodes,
         "steep_head",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, c, 16, 16])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, c, 16, 16])],
         inits,
     )
     return model(g)
