@@ -293,7 +293,7 @@ def generate(
     """One random array for ``spec`` (distributions in the module docstring)."""
     dt = spec.dtype
     if dt == np.bool_:
-        return rng.random(shape) < 0.5
+        return np.asarray(rng.random(shape) < 0.5)
     if dt.kind == "f" or dt == ml_dtypes.bfloat16:
         return rng.standard_normal(shape).astype(dt)
     if dt.kind in "iu":

@@ -7,13 +7,15 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 import pytest
-from verify_builders import conv_chain, two_outputs
+from onnx import TensorProto, helper
+from verify_builders import bn, bn_params, conv_chain, two_outputs, weight
 
 import bnfold
 from bnfold import fold_math, patterns
 from bnfold.blame import find_culprits, fold_subset, verify_fold
+from bnfold.inputs import InputOptions
 from bnfold.report import Reason
-from bnfold.verify import Verifier, verify_models
+from bnfold.verify import Verifier, VerifyOptions, verify_models
 
 
 @pytest.fixture
@@ -231,3 +233,58 @@ def test_verifier_reuses_reference_outputs(corrupt_bn) -> None:
     for a, b in zip(ref, v.ref_outputs, strict=True):
         for x, y in zip(a, b, strict=True):
             assert np.array_equal(x, y)
+
+
+def _if_model() -> onnx.ModelProto:
+    """Main: Conv+BN ``bn_main``; then an If whose then-branch holds Conv+BN ``bn_inner`` (outer weights)."""
+    rng = np.random.default_rng(0)
+    inits = [weight(rng, "w_main", (4, 3, 3, 3)), weight(rng, "w_inner", (4, 4, 1, 1))]
+    inits += bn_params(rng, "bn_main", 4) + bn_params(rng, "bn_inner", 4)
+    then_g = helper.make_graph(
+        [
+            helper.make_node("Conv", ["h", "w_inner"], ["ci"], name="conv_inner"),
+            bn("bn_inner", "ci", "then_out"),
+        ],
+        "then",
+        [],
+        [helper.make_tensor_value_info("then_out", TensorProto.FLOAT, [1, 4, 6, 6])],
+    )
+    else_g = helper.make_graph(
+        [helper.make_node("Identity", ["h"], ["else_out"], name="keep")],
+        "else",
+        [],
+        [helper.make_tensor_value_info("else_out", TensorProto.FLOAT, [1, 4, 6, 6])],
+    )
+    nodes = [
+        helper.make_node("Conv", ["x", "w_main"], ["c"], name="conv_main", pads=[1, 1, 1, 1]),
+        bn("bn_main", "c", "h"),
+        helper.make_node("If", ["flag"], ["y"], name="branch", then_branch=then_g, else_branch=else_g),
+    ]
+    g = helper.make_graph(
+        nodes,
+        "if_model",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 6, 6]),
+            helper.make_tensor_value_info("flag", TensorProto.BOOL, []),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 6, 6])],
+        inits,
+    )
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m
+
+
+def test_blame_inside_an_if_branch(corrupt_bn) -> None:
+    m = _if_model()
+    corrupt_bn("bn_inner")
+    result = bnfold.fold_model(m)
+    assert {(f.node, f.graph) for f in result.report.folds} == {
+        ("bn_main", "main"),
+        ("bn_inner", "main/branch.then_branch"),
+    }
+    opts = VerifyOptions(inputs=InputOptions(trials=6))  # the bool flag takes both values
+    fv = verify_fold(m, result, opts, keep_safe=True)
+    assert [(f.node, f.graph) for f in fv.blame.culprits] == [("bn_inner", "main/branch.then_branch")]
+    assert fv.kept_safe
+    assert "in main/branch.then_branch" in "\n".join(fv.summary_lines())
