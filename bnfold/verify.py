@@ -361,14 +361,15 @@ def write_for_runtime(model: onnx.ModelProto, folder: str, base_dir: str | None 
                     blob = _read_external(t, base_dir)
                 elif t.HasField("raw_data") and len(t.raw_data) >= EXTERNAL_MIN_BYTES:
                     old, blob = (t.data_location if t.HasField("data_location") else None), t.raw_data
-                    t.ClearField("raw_data")
                 else:
                     continue
                 offset, length = f.tell(), len(blob)
                 f.write(blob)
                 f.write(b"\0" * (-f.tell() % 4096))
                 del blob
+                # Only now, with the bytes safely in the file, does the tensor change.
                 moved.append((t, old, offset, length))
+                t.ClearField("raw_data")
                 _set_external(t, [("location", data_name), ("offset", str(offset)), ("length", str(length))])
         with open(path, "wb") as f:
             f.write(model.SerializeToString())
