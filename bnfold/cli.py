@@ -19,8 +19,9 @@ from typing import Any
 import click
 
 from . import __version__, json_report
+from .cli_options import fold_verify_options, verify_options, verify_options_from
 from .errors import EXIT_CODE_TABLE, ExitCode
-from .runner import FoldOptions, ModelOutcome, check_job, fold_job, worst
+from .runner import FoldOptions, ModelOutcome, check_job, fold_job, verify_job, worst
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -192,8 +193,8 @@ def _size(n: int | None) -> str:
 def describe(o: ModelOutcome, command: str) -> list[str]:
     """Human lines for one model: counts, the BNs left and why."""
     r = o.report or {}
-    if o.error:
-        return []
+    if command == "verify" or (o.error and not o.verification_lines):
+        return list(o.verification_lines)
     lines = []
     if command == "check":
         lines.append(
@@ -212,6 +213,7 @@ def describe(o: ModelOutcome, command: str) -> list[str]:
         lines.append(
             f"  nodes {r['nodes_before']} -> {r['nodes_after']}, size {_size(o.size_before)} -> {_size(o.size_after)}"
         )
+    lines += o.verification_lines
     for s in [*r["skips"], *r.get("affine_left", [])]:
         where = "" if s["graph"] == "main" else f" (in {s['graph']})"
         op = "" if s.get("op_type", "BatchNormalization") == "BatchNormalization" else f"{s['op_type']} "
@@ -282,19 +284,20 @@ def finish(
         "  bnfold fold exported/ -o folded/ --jobs 2 --json"
     )
 )
-@click.argument("inputs", nargs=-1, required=True, type=click.Path())
+@click.argument("models", nargs=-1, required=True, type=click.Path())
 @click.option("-o", "--output", type=click.Path(), help="Output file, or folder for several inputs.")
 @click.option("--in-place", is_flag=True, help="Replace each input (atomically, after verification passed).")
 @click.option("-f", "--force", is_flag=True, help="Overwrite existing outputs.")
-@click.option("--verify/--no-verify", default=True, help="Compare outputs before and after (default: on).")
+@fold_verify_options
 @model_options
 @report_options
 def fold(
-    inputs: tuple[str, ...],
+    models: tuple[str, ...],
     output: str | None,
     in_place: bool,
     force: bool,
-    verify: bool,
+    no_verify: bool,
+    keep_safe: bool,
     jobs: int,
     pattern: str,
     freeze_initializer_inputs: bool,
@@ -302,20 +305,31 @@ def fold(
     report_path: str | None,
     quiet: bool,
     debug: bool,
+    **verify_kw: Any,
 ) -> None:
     """Fold every foldable BatchNormalization in each model and write the result.
 
-    INPUTS are model files or folders (searched recursively for --pattern).
+    MODELS are model files or folders (searched recursively for --pattern). Each folded
+    model is verified first: the original and the result run in onnxruntime (graph
+    optimizations off) on the same inputs, and nothing is written when an output differs.
     """
     started = time.perf_counter()
-    pairs = plan_outputs(inputs, output, in_place, pattern)
+    pairs = plan_outputs(models, output, in_place, pattern)
     if not pairs:
-        raise click.UsageError(f"no models matching {pattern!r} in {', '.join(inputs)}")
+        raise click.UsageError(f"no models matching {pattern!r} in {', '.join(models)}")
     for _, out in pairs:
         folder = os.path.dirname(os.path.abspath(out))
         if len(pairs) > 1 and not os.path.isdir(folder):
             os.makedirs(folder, exist_ok=True)
-    opts = FoldOptions(freeze_initializer_inputs=freeze_initializer_inputs, force=force, in_place=in_place, debug=debug)
+    opts = FoldOptions(
+        freeze_initializer_inputs=freeze_initializer_inputs,
+        verify=not no_verify,
+        verify_options=verify_options_from(verify_kw),
+        keep_safe=keep_safe,
+        force=force,
+        in_place=in_place,
+        debug=debug,
+    )
     outcomes = run_jobs(fold_job, [(p, o, opts) for p, o in pairs], jobs, quiet)
     finish("fold", outcomes, started, as_json, report_path, quiet, debug)
 
@@ -327,11 +341,11 @@ def fold(
         "  # in CI: fails (exit 1) when an exported model still has foldable BatchNormalization"
     )
 )
-@click.argument("inputs", nargs=-1, required=True, type=click.Path())
+@click.argument("models", nargs=-1, required=True, type=click.Path())
 @model_options
 @report_options
 def check(
-    inputs: tuple[str, ...],
+    models: tuple[str, ...],
     jobs: int,
     pattern: str,
     freeze_initializer_inputs: bool,
@@ -345,9 +359,38 @@ def check(
     Exits 0 when nothing foldable is left, 1 when something is, 4 when a model cannot be read.
     """
     started = time.perf_counter()
-    models = collect_models(inputs, pattern)
-    if not models:
-        raise click.UsageError(f"no models matching {pattern!r} in {', '.join(inputs)}")
+    found = collect_models(models, pattern)
+    if not found:
+        raise click.UsageError(f"no models matching {pattern!r} in {', '.join(models)}")
     opts = FoldOptions(freeze_initializer_inputs=freeze_initializer_inputs, debug=debug)
-    outcomes = run_jobs(check_job, [(p, opts) for p, _ in models], jobs, quiet)
+    outcomes = run_jobs(check_job, [(p, opts) for p, _ in found], jobs, quiet)
     finish("check", outcomes, started, as_json, report_path, quiet, debug)
+
+
+@main.command(
+    epilog=_epilog(
+        "  bnfold verify model.onnx model.folded.onnx\n"
+        "  bnfold verify exported.onnx converted.onnx --input-shape tokens:1,128 --input-range 0,30000 --json"
+    )
+)
+@click.argument("reference", type=click.Path())
+@click.argument("candidate", type=click.Path())
+@verify_options
+@report_options
+def verify(
+    reference: str,
+    candidate: str,
+    as_json: bool,
+    report_path: str | None,
+    quiet: bool,
+    debug: bool,
+    **verify_kw: Any,
+) -> None:
+    """Compare the outputs of CANDIDATE with those of REFERENCE on the same inputs.
+
+    Both models run in onnxruntime with graph optimizations off; every output must satisfy
+    |a - b| <= atol + rtol * |a| (a from REFERENCE). Exits 0 when they agree, 3 when they differ.
+    """
+    started = time.perf_counter()
+    outcome = verify_job(reference, candidate, verify_options_from(verify_kw), debug)
+    finish("verify", [outcome], started, as_json, report_path, quiet, debug)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 import onnx
@@ -21,6 +22,9 @@ from .patterns import (
 from .report import Fold, FoldReport, Reason, Skip
 
 MAX_PASSES = 50
+
+# (affine node's display name, graph path) -> may it be folded?
+Selector = Callable[[str, str], bool]
 
 
 @dataclass
@@ -55,6 +59,7 @@ def fold_model(
     freeze_initializer_inputs: bool = False,
     base_dir: str | None = None,
     copy: bool = True,
+    only: Selector | Collection[str] | None = None,
 ) -> FoldResult:
     """Fold every foldable BatchNormalization (and per-channel Mul/Add/Sub/Div) in ``model``.
 
@@ -64,6 +69,9 @@ def fold_model(
             (overridable at run time in IR >= 4) as constants.
         base_dir: folder that external-data locations are relative to.
         copy: work on a copy (default); False folds ``model`` in place.
+        only: fold only these affine nodes: a predicate ``(name, graph_path) -> bool``
+            or a collection of display names (``Fold.node``); the others are left,
+            BNs with reason ``excluded``.  None folds everything.
 
     Returns:
         A :class:`FoldResult` with the new model and a :class:`FoldReport`.
@@ -82,13 +90,26 @@ def fold_model(
         used_names=all_names(out.graph),
     )
     report = FoldReport(bn_count=count_nodes(out.graph, "BatchNormalization"), nodes_before=count_nodes(out.graph))
-    _fold_graph(out.graph, ctx, None, "main", report)
+    _fold_graph(out.graph, ctx, None, "main", report, _selector(only))
     report.nodes_after = count_nodes(out.graph)
     return FoldResult(out, report)
 
 
+def _selector(only: Selector | Collection[str] | None) -> Selector | None:
+    """A predicate from ``fold_model``'s ``only`` argument."""
+    if only is None or callable(only):
+        return only
+    names = frozenset(only)
+    return lambda name, _path: name in names
+
+
 def _fold_graph(
-    graph: onnx.GraphProto, ctx: ModelContext, outer: GraphView | None, path: str, report: FoldReport
+    graph: onnx.GraphProto,
+    ctx: ModelContext,
+    outer: GraphView | None,
+    path: str,
+    report: FoldReport,
+    only: Selector | None = None,
 ) -> set[str]:
     """Fold one graph (nested graphs first); return outer names it stopped reading."""
     view = GraphView(graph, ctx, outer, path)
@@ -98,7 +119,7 @@ def _fold_graph(
             inner = [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)
             for k, g in enumerate(inner):
                 where = f"{path}/{display_name(node)}.{a.name}" + (f"[{k}]" if len(inner) > 1 else "")
-                from_inner |= _fold_graph(g, ctx, view, where, report)
+                from_inner |= _fold_graph(g, ctx, view, where, report, only)
     skips: list[Skip] = []
     affine_skips: list[Skip] = []
     stopped: set[str] = set()  # every name some pass stopped reading (the last pass usually changes nothing)
@@ -108,7 +129,7 @@ def _fold_graph(
         local |= set(view.producer) | set(view.initializers) | view.inputs
         view.disconnected |= from_inner
         from_inner = set()
-        changed, skips, affine_skips = _one_pass(view, report)
+        changed, skips, affine_skips = _one_pass(view, report, only)
         view.commit()
         stopped |= view.disconnected
         if not changed:
@@ -119,7 +140,7 @@ def _fold_graph(
     return {n for n in stopped if n not in local}
 
 
-def _one_pass(view: GraphView, report: FoldReport) -> tuple[bool, list[Skip], list[Skip]]:
+def _one_pass(view: GraphView, report: FoldReport, only: Selector | None = None) -> tuple[bool, list[Skip], list[Skip]]:
     changed = False
     skips: list[Skip] = []
     affine_skips: list[Skip] = []
@@ -132,6 +153,8 @@ def _one_pass(view: GraphView, report: FoldReport) -> tuple[bool, list[Skip], li
             aff = read_affine(view, node)
             if aff is None:
                 continue
+            if only is not None and not only(name, view.path):
+                raise Rejected(Reason.EXCLUDED, "left out on request (its fold was excluded)")
             pattern, target = _fold_one(view, aff)
         except Rejected as r:
             if is_bn:

@@ -66,3 +66,13 @@ class NotVerifiableError(BnfoldError):
     """onnxruntime cannot run the model, so it cannot be verified."""
 
     exit_code = ExitCode.NOT_VERIFIED
+
+
+class InputShapeError(NotVerifiableError):
+    """A graph input has a dimension bnfold cannot choose; ``--input-shape`` must set it."""
+
+
+class InputFileError(BnfoldError):
+    """An ``--inputs`` file does not fit the model (names, dtypes, shapes) or cannot be read."""
+
+    exit_code = ExitCode.USAGE

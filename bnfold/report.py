@@ -27,6 +27,7 @@ class Reason(str, Enum):
     PADDED_CONSUMER = "padded_consumer"
     NOT_PER_CHANNEL = "not_per_channel"
     OUTPUT_SHARED_AFTER = "output_shared"
+    EXCLUDED = "excluded"
 
 
 REASON_TEXT: dict[Reason, str] = {
@@ -45,6 +46,7 @@ REASON_TEXT: dict[Reason, str] = {
     Reason.PADDED_CONSUMER: "the following Conv pads its input (padded zeros are not normalized)",
     Reason.NOT_PER_CHANNEL: "the constant is not per-channel",
     Reason.OUTPUT_SHARED_AFTER: "its output has another consumer or is a graph output (the next Conv cannot absorb it)",
+    Reason.EXCLUDED: "left out on request (--keep-safe: its fold failed verification)",
 }
 
 

@@ -14,9 +14,11 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any
 
+from .blame import verify_fold
 from .engine import fold_model
-from .errors import BnfoldError, ExitCode, ModelLoadError, OutputError
+from .errors import BnfoldError, ExitCode, ModelLoadError, NotVerifiableError, OutputError, VerificationError
 from .model_io import check_model, load_model, save_model
+from .verify import VerifyOptions, verify_models
 
 STATUS = {
     ExitCode.OK: "ok",
@@ -57,6 +59,8 @@ class FoldOptions:
 
     freeze_initializer_inputs: bool = False
     verify: bool = True
+    verify_options: VerifyOptions = field(default_factory=VerifyOptions)
+    keep_safe: bool = False
     force: bool = False
     in_place: bool = False
     debug: bool = False
@@ -76,6 +80,7 @@ class ModelOutcome:
     verification: dict[str, Any] | None = None
     timings: dict[str, float] = field(default_factory=dict)
     traceback: str | None = None
+    verification_lines: list[str] = field(default_factory=list)
 
     @property
     def status(self) -> str:
@@ -194,11 +199,60 @@ def fold_job(path: str, output: str, opts: FoldOptions) -> ModelOutcome:
         clock.lap("fold")
         check_output(result.model, path, output)
         clock.lap("check")
+        if opts.verify:
+            result = verify_result(path, result, opts, outcome)
+            clock.lap("verify")
         save_model(result.model, output)
         outcome.size_after = model_size(output)
         clock.lap("write")
     except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 - every failure becomes data
         _guard(outcome, opts.debug, e)
+    clock.done()
+    return outcome
+
+
+def verify_result(path: str, result: Any, opts: FoldOptions, outcome: ModelOutcome) -> Any:
+    """Verify a fold against the model file; return what may be written, or raise."""
+    try:
+        checked = verify_fold(
+            path,
+            result,
+            opts.verify_options,
+            keep_safe=opts.keep_safe,
+            base_dir=os.path.dirname(os.path.abspath(path)),
+            freeze_initializer_inputs=opts.freeze_initializer_inputs,
+        )
+    except NotVerifiableError as e:
+        raise type(e)(f"{path}: {e}; skip verification with --no-verify") from e
+    outcome.verification = checked.to_dict()
+    outcome.verification_lines = checked.summary_lines()
+    if not checked.ok:
+        rep = checked.report
+        what = rep.error or f"{len(rep.failing)} of {len(rep.rows)} output(s) differ beyond tolerance"
+        hint = "" if opts.keep_safe else " (--keep-safe writes the model without the blamed folds)"
+        raise VerificationError(f"{path}: verification failed: {what}; nothing written{hint}")
+    outcome.report = checked.result.report.to_dict()
+    return checked.result
+
+
+def verify_job(reference: str, candidate: str, options: VerifyOptions, debug: bool = False) -> ModelOutcome:
+    """Compare two models' outputs on the same inputs; never raises."""
+    outcome = ModelOutcome(input=reference, output=candidate)
+    clock = _Clock(outcome)
+    try:
+        for p in (reference, candidate):
+            load_model(p)
+        outcome.size_before, outcome.size_after = model_size(reference), model_size(candidate)
+        clock.lap("load")
+        rep = verify_models(reference, candidate, options)
+        clock.lap("verify")
+        outcome.verification = rep.to_dict()
+        outcome.verification_lines = rep.summary_lines()
+        if not rep.passed:
+            what = rep.error or f"{len(rep.failing)} of {len(rep.rows)} output(s) differ beyond tolerance"
+            raise VerificationError(f"{candidate} differs from {reference}: {what}")
+    except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 - every failure becomes data
+        _guard(outcome, debug, e)
     clock.done()
     return outcome
 

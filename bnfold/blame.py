@@ -1,0 +1,299 @@
+"""Per-fold blame: which folds break verification, and the model without them.
+
+When a folded model fails verification, the folds are re-applied in subsets
+(``fold_model(..., only=...)``) and each subset is compared with the original:
+bisection over the fold list narrows a failing set down to single folds, each of
+which is then known to fail on its own.  Folds that fail only together (no single
+one fails; errors that add up) are reported as a group.  The model with every fold
+except the culprits (``--keep-safe``) is folded and verified too.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .engine import FoldResult, fold_model
+from .model_io import load_model
+from .report import Fold
+from .verify import ModelSource, Verifier, VerifyOptions, VerifyReport
+
+# Verification runs one blame may spend (a fold list of n with c culprits needs about 2*c*log2(n)).
+MAX_CHECKS = 200
+
+Key = tuple[str, str]  # (graph path, affine node display name)
+
+
+def fold_key(f: Fold) -> Key:
+    """Identity of a fold across re-folds of the same original."""
+    return (f.graph, f.node)
+
+
+@dataclass
+class BlameResult:
+    """The folds that break verification, and the model folded without them.
+
+    ``culprits`` each fail verification on their own; ``groups`` are sets of folds
+    that fail only together.  ``safe``/``safe_report`` are the model with every other
+    fold and its verification (None when nothing was left to fold or the check
+    budget ran out).
+    """
+
+    culprits: list[Fold] = field(default_factory=list)
+    groups: list[list[Fold]] = field(default_factory=list)
+    culprit_reports: dict[Key, VerifyReport] = field(default_factory=dict)
+    checks: int = 0
+    exhausted: bool = False
+    safe: FoldResult | None = None
+    safe_report: VerifyReport | None = None
+
+    @property
+    def excluded(self) -> list[Fold]:
+        """Every fold left out of the safe model."""
+        return self.culprits + [f for g in self.groups for f in g]
+
+    @property
+    def safe_passed(self) -> bool:
+        """True when the model without the blamed folds passed verification."""
+        return self.safe_report is not None and self.safe_report.passed
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+
+        def fold_dict(f: Fold) -> dict[str, Any]:
+            d = asdict(f)
+            rep = self.culprit_reports.get(fold_key(f))
+            if rep is not None:
+                d["failing_outputs"] = [r.to_dict() for r in rep.failing]
+            return d
+
+        return {
+            "culprits": [fold_dict(f) for f in self.culprits],
+            "groups": [[asdict(f) for f in g] for g in self.groups],
+            "checks": self.checks,
+            "exhausted": self.exhausted,
+            "safe_passed": self.safe_passed if self.safe_report is not None else None,
+            "safe_verification": None if self.safe_report is None else self.safe_report.to_dict(),
+        }
+
+    def summary_lines(self) -> list[str]:
+        """Human lines: each culprit with the output it breaks worst."""
+        n = len(self.culprits)
+        lines = [f"blame: {n} fold(s) break verification on their own ({self.checks} verification runs)"]
+        for f in self.culprits:
+            lines.append(f"  {_describe(f)}{_worst(self.culprit_reports.get(fold_key(f)))}")
+        for g in self.groups:
+            lines.append(f"  {len(g)} folds fail only together: " + ", ".join(f.node for f in g))
+        if self.exhausted:
+            lines.append(f"  (stopped after {self.checks} runs: the list may be incomplete)")
+        if self.safe_report is not None:
+            verdict = "passes" if self.safe_report.passed else "still FAILS"
+            lines.append(f"  the model without these folds {verdict} verification")
+        return lines
+
+
+def _describe(f: Fold) -> str:
+    where = "" if f.graph == "main" else f" in {f.graph}"
+    return f"{f.node} ({f.op_type}{where}) folded into {f.target} as {f.pattern}"
+
+
+def _worst(rep: VerifyReport | None) -> str:
+    if rep is None:
+        return ""
+    if rep.error:
+        return f": {rep.error}"
+    bad = rep.failing
+    if not bad:
+        return ""
+    r = max(bad, key=lambda r: r.min_atol)
+    return f": output '{r.name}' max abs error {r.max_abs:.3g} (passes with atol >= {r.min_atol:.3g})"
+
+
+def fold_subset(
+    original: ModelSource,
+    keys: set[Key] | frozenset[Key],
+    *,
+    base_dir: str | None = None,
+    freeze_initializer_inputs: bool = False,
+) -> FoldResult:
+    """Fold only the affine nodes in ``keys`` (a path is loaded afresh; a ModelProto is copied)."""
+    allowed = frozenset(keys)
+    if isinstance(original, str):
+        model = load_model(original, check=False)
+        base_dir = os.path.dirname(os.path.abspath(original))
+        copy = False
+    else:
+        model, copy = original, True
+    return fold_model(
+        model,
+        freeze_initializer_inputs=freeze_initializer_inputs,
+        base_dir=base_dir,
+        copy=copy,
+        only=lambda name, path: (path, name) in allowed,
+    )
+
+
+def find_culprits(
+    original: ModelSource,
+    folds: Sequence[Fold],
+    verifier: Verifier,
+    *,
+    base_dir: str | None = None,
+    freeze_initializer_inputs: bool = False,
+    max_checks: int = MAX_CHECKS,
+    failing_report: VerifyReport | None = None,
+) -> BlameResult:
+    """Find which of ``folds`` break verification, then fold and verify the model without them.
+
+    Args:
+        original: the unfolded model (path or ModelProto), as ``verifier``'s reference.
+        folds: the folds of the failing fold run (``FoldReport.folds``).
+        verifier: holds the reference outputs and the tolerances.
+        base_dir: folder of external data of an in-memory ``original``.
+        freeze_initializer_inputs: as given to the failing fold run.
+        max_checks: stop after this many verification runs.
+        failing_report: the report of the full fold, when already known (saves a run).
+
+    Returns:
+        A :class:`BlameResult`; ``safe`` holds the model folded without the culprits.
+    """
+    by_key: dict[Key, Fold] = {}
+    for f in folds:
+        by_key.setdefault(fold_key(f), f)
+    result = BlameResult()
+    cache: dict[frozenset[Key], VerifyReport] = {}
+    if failing_report is not None:
+        cache[frozenset(by_key)] = failing_report
+
+    def check(keys: Sequence[Key]) -> VerifyReport:
+        k = frozenset(keys)
+        if k not in cache:
+            if result.checks >= max_checks:
+                result.exhausted = True
+                raise _Budget
+            result.checks += 1
+            folded = fold_subset(original, k, base_dir=base_dir, freeze_initializer_inputs=freeze_initializer_inputs)
+            cache[k] = verifier.check(folded.model)
+        return cache[k]
+
+    def search(keys: list[Key], report: VerifyReport) -> None:
+        """``keys`` fail together (``report``): split until single folds are found."""
+        if len(keys) == 1:
+            result.culprits.append(by_key[keys[0]])
+            result.culprit_reports[keys[0]] = report
+            return
+        half = len(keys) // 2
+        left, right = keys[:half], keys[half:]
+        rl, rr = check(left), check(right)
+        if not rl.passed:
+            search(left, rl)
+        if not rr.passed:
+            search(right, rr)
+        if rl.passed and rr.passed:
+            result.groups.append([by_key[k] for k in keys])
+
+    remaining = list(by_key)
+    try:
+        report = check(remaining)
+        for _ in range(3):  # a failure may need another round once the first culprits are out
+            if report.passed or not remaining:
+                break
+            search(remaining, report)
+            blamed = {fold_key(f) for f in result.excluded}
+            remaining = [k for k in by_key if k not in blamed]
+            report = check(remaining) if remaining else report
+    except _Budget:
+        pass
+    if not result.exhausted and result.excluded and remaining:
+        result.safe = fold_subset(
+            original, set(remaining), base_dir=base_dir, freeze_initializer_inputs=freeze_initializer_inputs
+        )
+        result.safe_report = cache[frozenset(remaining)]
+    return result
+
+
+class _Budget(Exception):
+    """The verification budget of one blame is spent."""
+
+
+@dataclass
+class FoldVerification:
+    """Verification of one fold run, with blame when it failed.
+
+    ``result`` is what may be written: the full fold when it passed, the fold
+    without the culprits when ``keep_safe`` was asked and that passed; ``ok`` says
+    whether anything may be written at all.
+    """
+
+    report: VerifyReport
+    result: FoldResult
+    blame: BlameResult | None = None
+    kept_safe: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.report.passed or self.kept_safe
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form (``verification`` of the JSON report)."""
+        d = self.report.to_dict()
+        d["blame"] = None if self.blame is None else self.blame.to_dict()
+        d["kept_safe"] = self.kept_safe
+        return d
+
+    def summary_lines(self) -> list[str]:
+        """The verification rows, then blame and what ``--keep-safe`` did."""
+        if self.blame is None:
+            return self.report.summary_lines()
+        lines = self.report.summary_lines("(every fold)")
+        lines += self.blame.summary_lines()
+        if self.kept_safe and self.blame.safe_report is not None:
+            names = ", ".join(f.node for f in self.blame.excluded)
+            lines += self.blame.safe_report.summary_lines(f"(without {names})")
+            lines.append(f"keep-safe: left {names} unfolded; writing the model with the other folds")
+        return lines
+
+
+def verify_fold(
+    original: ModelSource,
+    result: FoldResult,
+    options: VerifyOptions | None = None,
+    *,
+    keep_safe: bool = False,
+    base_dir: str | None = None,
+    freeze_initializer_inputs: bool = False,
+) -> FoldVerification:
+    """Verify a fold run against the original; on failure, blame and optionally keep the safe folds.
+
+    Args:
+        original: the unfolded model; pass the path for large models (it is run by path
+            and re-read for blame, never serialized).
+        result: the fold run to verify.
+        options: tolerances, inputs, ``save_io``.
+        keep_safe: when verification fails, fold again without the blamed folds and, if
+            that passes, return it as ``result``.
+        base_dir: folder of external data of an in-memory ``original``.
+        freeze_initializer_inputs: as given to the fold run (blame re-folds the same way).
+
+    Raises:
+        NotVerifiableError: the original cannot be run (exit code 6).
+        InputShapeError: an input dimension must be given with ``--input-shape``.
+    """
+    options = options or VerifyOptions()
+    verifier = Verifier(original, options, base_dir=base_dir)
+    report = verifier.check(result.model, save_io=options.save_io)
+    if report.passed or not result.report.folds:
+        return FoldVerification(report, result)
+    blame = find_culprits(
+        original,
+        result.report.folds,
+        verifier,
+        base_dir=base_dir,
+        freeze_initializer_inputs=freeze_initializer_inputs,
+        failing_report=report,
+    )
+    if keep_safe and blame.safe is not None and blame.safe_passed:
+        return FoldVerification(report, blame.safe, blame, kept_safe=True)
+    return FoldVerification(report, result, blame)

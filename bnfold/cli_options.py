@@ -1,0 +1,125 @@
+"""Command-line options of verification, shared by every command that runs models.
+
+Decorate a click command with :func:`verify_options` (tolerances and inputs) or
+:func:`fold_verify_options` (those plus ``--no-verify``/``--keep-safe``), take the
+values as ``**verify_kw`` and turn them into a :class:`~bnfold.verify.VerifyOptions`
+with :func:`verify_options_from`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from .inputs import DEFAULT_INT_RANGE, DEFAULT_TRIALS, InputOptions, parse_input_shape, parse_int_range
+from .verify import VerifyOptions
+
+# Keyword names the decorators add (popped by verify_options_from).
+VERIFY_PARAMS = ("atol", "rtol", "seed", "trials", "input_shape", "input_range", "inputs", "save_io")
+
+
+def _shapes(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> dict[str, tuple[int, ...]]:
+    out: dict[str, tuple[int, ...]] = {}
+    for v in values:
+        try:
+            name, shape = parse_input_shape(v)
+        except ValueError as e:
+            raise click.BadParameter(str(e)) from None
+        if name in out:
+            raise click.BadParameter(f"input '{name}' given twice")
+        out[name] = shape
+    return out
+
+
+def _range(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, int]:
+    if value is None:
+        return DEFAULT_INT_RANGE
+    try:
+        return parse_int_range(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+
+
+def tolerance_options(fn: Callable) -> Callable:
+    """``--atol``, ``--rtol``."""
+    fn = click.option(
+        "--rtol",
+        type=click.FloatRange(min=0),
+        help="Relative tolerance for every output (default per dtype: float32 1e-2, float16 5e-2).",
+    )(fn)
+    fn = click.option(
+        "--atol",
+        type=click.FloatRange(min=0),
+        help="Absolute tolerance for every output (default per dtype: float32 1e-3, float16 1e-2).",
+    )(fn)
+    return fn
+
+
+def input_options(fn: Callable) -> Callable:
+    """``--seed``, ``--trials``, ``--input-shape``, ``--input-range``, ``--inputs``, ``--save-io``."""
+    fn = click.option(
+        "--save-io",
+        type=click.Path(dir_okay=False),
+        metavar="FILE.npz",
+        help="Write the inputs and both models' outputs to FILE.npz (readable again with --inputs).",
+    )(fn)
+    fn = click.option(
+        "--inputs",
+        type=click.Path(exists=True, dir_okay=False),
+        multiple=True,
+        metavar="FILE.npz",
+        help="Real inputs: arrays named after the model inputs (repeatable; replaces generated "
+        "inputs unless --trials is given).",
+    )(fn)
+    fn = click.option(
+        "--input-range",
+        callback=_range,
+        metavar="LO,HI",
+        help=f"Range of generated integer inputs, inclusive (default {DEFAULT_INT_RANGE[0]},{DEFAULT_INT_RANGE[1]}).",
+    )(fn)
+    fn = click.option(
+        "--input-shape",
+        multiple=True,
+        callback=_shapes,
+        metavar="NAME:D0,D1,...",
+        help="Shape of an input with dynamic dimensions (repeatable), e.g. x:1,3,224,224.",
+    )(fn)
+    fn = click.option(
+        "--trials",
+        type=click.IntRange(min=0),
+        help=f"Generated input sets (default {DEFAULT_TRIALS}; 0 with --inputs).",
+    )(fn)
+    fn = click.option("--seed", type=int, default=0, show_default=True, help="Seed of generated inputs.")(fn)
+    return fn
+
+
+def verify_options(fn: Callable) -> Callable:
+    """Tolerance and input options."""
+    return tolerance_options(input_options(fn))
+
+
+def fold_verify_options(fn: Callable) -> Callable:
+    """:func:`verify_options` plus ``--no-verify`` and ``--keep-safe``, for commands that write models."""
+    fn = verify_options(fn)
+    fn = click.option(
+        "--keep-safe",
+        is_flag=True,
+        help="When verification fails, write the model without the folds that break it (verified too).",
+    )(fn)
+    fn = click.option("--no-verify", is_flag=True, help="Do not compare outputs before writing (not recommended).")(fn)
+    return fn
+
+
+def verify_options_from(params: dict[str, Any]) -> VerifyOptions:
+    """Pop the :data:`VERIFY_PARAMS` from a command's keyword arguments into a VerifyOptions."""
+    p = {k: params.pop(k, None) for k in VERIFY_PARAMS}
+    inputs = InputOptions(
+        seed=p["seed"] or 0,
+        trials=p["trials"],
+        shapes=dict(p["input_shape"] or {}),
+        int_range=p["input_range"] or DEFAULT_INT_RANGE,
+        files=list(p["inputs"] or ()),
+    )
+    return VerifyOptions(atol=p["atol"], rtol=p["rtol"], inputs=inputs, save_io=p["save_io"])
