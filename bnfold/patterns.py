@@ -533,12 +533,23 @@ CONSUMER_FOLDS: dict[str, Fold] = {
 _REPORT_NEXT_TO = ("Conv", "ConvTranspose", "Gemm", "BatchNormalization")
 
 
+# Reasons that are routine for arithmetic by a scalar: activations such as
+# hard-swish (``x * relu6(x + 3) / 6``) read a Conv output twice and feed padded Convs.
+_ROUTINE_FOR_ARITH = {
+    Reason.OUTPUT_SHARED,
+    Reason.OUTPUT_SHARED_AFTER,
+    Reason.GRAPH_OUTPUT,
+    Reason.PADDED_CONSUMER,
+}
+
+
 def arith_worth_reporting(view: GraphView, node: onnx.NodeProto, rejected: Rejected) -> bool:
     """Whether a Mul/Add/Sub/Div by a float constant that stays deserves a report line.
 
     Only nodes next to an op that could absorb them (a Conv, ConvTranspose, Gemm or
-    BN before, a Conv after) and only real reasons: ``unsupported_producer`` means
-    "nothing to fold into", which for arithmetic is the normal case, not news.
+    BN before, a Conv after) and only real reasons: "nothing to fold into" is the
+    normal case for arithmetic, and so are a shared output or a padded Conv after an
+    op by a scalar (activations), while a per-channel constant looks like a frozen BN.
     Bias Adds after a MatMul are not reported either (they are already minimal).
     """
     if node.op_type not in AFFINE_OPS[1:] or node.domain not in ("", "ai.onnx") or len(node.input) != 2:
@@ -547,6 +558,8 @@ def arith_worth_reporting(view: GraphView, node: onnx.NodeProto, rejected: Rejec
         return False
     consts = [view.constant(i) for i in node.input]
     if (consts[0] is None) == (consts[1] is None):
+        return False
+    if rejected.reason in _ROUTINE_FOR_ARITH and (consts[0] if consts[0] is not None else consts[1]).size == 1:
         return False
     data = node.input[1] if consts[0] is not None else node.input[0]
     producer = view.producer_of(data)

@@ -626,3 +626,29 @@ def test_chain_in_if_branch_with_outer_constants() -> None:
     for cond in (True, False):
         feeds = {"x": x, "cond": np.array(cond)}
         np.testing.assert_allclose(run(model, feeds)[0], run(result.model, feeds)[0], rtol=1e-4, atol=1e-5)
+
+
+def test_hard_swish_after_conv_is_not_reported() -> None:
+    """``x * relu6(x + 3) / 6`` (PaddlePaddle's hard-swish) reads the Conv output twice: no frozen BN, no noise."""
+    rng = np.random.default_rng(21)
+    scalar = np.array(3.0, np.float32)
+    model = make_model(
+        [
+            helper.make_node("Conv", ["x", "w"], ["p"], name="conv"),
+            helper.make_node("Add", ["p", "three"], ["a"], name="add3"),
+            helper.make_node("Clip", ["a", "zero", "six"], ["c"], name="relu6"),
+            helper.make_node("Mul", ["p", "c"], ["m"], name="mul"),
+            helper.make_node("Div", ["m", "six"], ["y"], name="div6"),
+        ],
+        [
+            init("w", he_weight(rng, (3, 2, 1, 1), 2)),
+            init("three", scalar),
+            init("zero", np.array(0.0, np.float32)),
+            init("six", np.array(6.0, np.float32)),
+        ],
+        [("x", F32, [2, 2, 3, 3])],
+        ["y"],
+    )
+    result = fold_checked(model)
+    assert result.report.affine_skips == []
+    assert result.report.folds == []
