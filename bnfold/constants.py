@@ -149,6 +149,9 @@ EVALUATORS: dict[str, Evaluator] = {
 
 # Inputs whose *value* an op does not need (Shape reads only the shape).
 SHAPE_ONLY = {"Shape"}
+# (op, input index) that an op reads only the dtype of: CastLike's target
+# (a raw dynamo export casts its zero bias like the graph input).
+TYPE_ONLY = {("CastLike", 1)}
 
 
 def evaluate(node: onnx.NodeProto, inputs: list, opset: int) -> np.ndarray | None:

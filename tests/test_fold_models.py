@@ -12,7 +12,7 @@ import os
 import numpy as np
 import onnx
 import pytest
-from builders import BF16, NEWEST_OPSET, Net, count_ops
+from builders import BF16, NEWEST_OPSET, Net, count_ops, elem_type
 from foldcheck import fold_and_check, reference_compare
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -368,6 +368,31 @@ def test_pytorch_dynamo_zero_bias_subgraph_folds() -> None:
     result = fold_and_check(net.build(), folded=1)
     assert [n.op_type for n in result.model.graph.node] == ["Conv"]
     assert {t.name for t in result.model.graph.initializer}.isdisjoint({"st", "en", "zero"})
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_pytorch_dynamo_zero_bias_cast_like_graph_input_folds(dtype) -> None:
+    """torch 2.13's raw dynamo export casts the zero bias like the *graph input*.
+
+    ``Shape(weight, end=1) -> Expand -> CastLike(0, x) -> Expand``: CastLike reads
+    only the dtype of ``x``, so the bias is a constant although ``x`` is not
+    (regression: the bias counted as non-constant and the BN was left).
+    """
+    net = Net(opset=20, seed=9)
+    x = net.input("x", dtype, [1, 3, 6, 6])
+    w = net.weight((5, 3, 3, 3), dtype, name="conv.weight")
+    shp = net.node("Shape", [w], name="n_shape", start=0, end=1)
+    one = net.node("Constant", [], name="n_one", value_ints=[1])
+    sl = net.node("Expand", [shp, one], name="n_expand")
+    zero = net.node("Constant", [], name="n_zero", value=numpy_helper.from_array(np.array(0.0, np.float32)))
+    cl = net.node("CastLike", [zero, x], name="n_castlike")
+    bias = net.node("Expand", [cl, sl], name="n_expand2")
+    y = net.bn(net.node("Conv", [x, w, bias], pads=[1, 1, 1, 1]), 5, param_dtype=np.float32)
+    net.output(y, dtype)
+    result = fold_and_check(net.build(), folded=1, dtype=dtype)
+    assert [n.op_type for n in result.model.graph.node] == ["Conv"]
+    assert result.model.graph.node[0].input[0] == "x"
+    assert {t.data_type for t in result.model.graph.initializer} == {elem_type(dtype)}
 
 
 @pytest.mark.parametrize("opset", [7, 8])
