@@ -2,9 +2,11 @@
 
 Covers ``Constant`` nodes and ``ConstantOfShape``, ``Identity``, ``Cast``,
 ``CastLike``, ``Reshape``, ``Unsqueeze``, ``Squeeze``, ``Expand``, ``Shape``,
-``Slice`` and ``Concat`` of constants: enough for the onnx model-zoo
-architectures (weights made by ConstantOfShape) and raw PyTorch dynamo exports
-(a zero bias made by ``Shape -> Slice -> Expand -> CastLike -> Expand``).
+``Slice``, ``Concat`` and ``Transpose`` of constants: enough for the onnx model-zoo
+architectures (weights made by ConstantOfShape), raw PyTorch dynamo exports
+(a zero bias made by ``Shape -> Slice -> Expand -> CastLike -> Expand``) and
+TorchScript exports without constant folding (a bias-free ``nn.Linear`` is
+``MatMul(x, Transpose(W))``).
 """
 
 from __future__ import annotations
@@ -133,6 +135,10 @@ def _concat(node, ins, opset):
     return np.concatenate(ins, axis=_attr(node, "axis"))
 
 
+def _transpose(node, ins, opset):
+    return np.transpose(ins[0], _attr(node, "perm"))
+
+
 EVALUATORS: dict[str, Evaluator] = {
     "ConstantOfShape": _constant_of_shape,
     "Identity": lambda node, ins, opset: ins[0],
@@ -145,6 +151,7 @@ EVALUATORS: dict[str, Evaluator] = {
     "Shape": _shape,
     "Slice": _slice,
     "Concat": _concat,
+    "Transpose": _transpose,
 }
 
 # Inputs whose *value* an op does not need (Shape reads only the shape).

@@ -180,7 +180,7 @@ def _fold_one(view: GraphView, aff: Affine) -> tuple[str, onnx.NodeProto]:
             except Rejected as r:
                 rejections.append(r)
     out = aff.node.output[0]
-    users = view.users(out)
+    users = view.value_users(out)
     consumer = users[0] if len(users) == 1 and not view.is_graph_output(out) else None
     if consumer is not None and consumer.domain in ("", "ai.onnx"):
         fold = CONSUMER_FOLDS.get(consumer.op_type)

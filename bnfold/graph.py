@@ -109,6 +109,24 @@ class GraphView:
                 seen[id(n)] = n
         return list(seen.values())
 
+    def type_only_readers(self, name: str) -> list[onnx.NodeProto]:
+        """Live nodes that read nothing of ``name`` but its dtype (the target of a CastLike).
+
+        A raw dynamo export casts a bias-free Conv's zero bias like the Conv's input;
+        such a reader does not stop a fold that keeps the dtype (it is pointed elsewhere).
+        """
+        return [
+            u
+            for u in self.users(name)
+            if all((u.op_type, k) in constants.TYPE_ONLY for k, i in enumerate(u.input) if i == name)
+            and not any(name in graph_reads(g) for g in subgraphs(u))
+        ]
+
+    def value_users(self, name: str) -> list[onnx.NodeProto]:
+        """:meth:`users` less :meth:`type_only_readers`: the nodes that read the values of ``name``."""
+        skip = {id(u) for u in self.type_only_readers(name)}
+        return [u for u in self.users(name) if id(u) not in skip]
+
     def is_graph_output(self, name: str) -> bool:
         return name in self.outputs
 

@@ -467,7 +467,7 @@ def into_next_conv(view: GraphView, aff: Affine, conv: onnx.NodeProto) -> str:
     out = aff.node.output[0]
     if list(conv.input).count(out) != 1 or conv.input[0] != out:
         raise Rejected(Reason.UNSUPPORTED_PRODUCER, f"it feeds {display_name(conv)} other than as its data input")
-    if not view.only_consumer(out, conv):
+    if view.is_graph_output(out) or [id(u) for u in view.value_users(out)] != [id(conv)]:
         raise Rejected(Reason.OUTPUT_SHARED_AFTER, f"its output '{out}' has other consumers or is a graph output")
     if not conv_pads_nothing(conv):
         raise Rejected(Reason.PADDED_CONSUMER, f"the following Conv {display_name(conv)} pads its input")
@@ -488,6 +488,10 @@ def into_next_conv(view: GraphView, aff: Affine, conv: onnx.NodeProto) -> str:
     w2, b2 = rounded(w2, w.dtype, "weight"), rounded(b2, w.dtype, "bias")
     write_input(view, conv, 1, w2, f"{conv.input[1]}_bnfold")
     write_input(view, conv, 2, b2, f"{display_name(conv)}_bias_bnfold")
+    for reader in view.type_only_readers(out):  # same dtype before and after the affine op
+        for k, i in enumerate(list(reader.input)):
+            if i == out:
+                view.set_input(reader, k, aff.data)
     view.remove(aff.node)
     view.vanish(out)
     view.set_input(conv, 0, aff.data)
@@ -502,7 +506,7 @@ def consumer_blocked(view: GraphView, aff: Affine) -> Rejected | None:
     op) reads it among others, that sharing is the reason it stays.
     """
     out = aff.node.output[0]
-    users = view.users(out)
+    users = view.value_users(out)
     if not any(u.op_type in CONSUMER_FOLDS and u.domain in ("", "ai.onnx") for u in users):
         return None
     if len(users) == 1 and not view.is_graph_output(out):

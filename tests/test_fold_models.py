@@ -395,6 +395,53 @@ def test_pytorch_dynamo_zero_bias_cast_like_graph_input_folds(dtype) -> None:
     assert {t.data_type for t in result.model.graph.initializer} == {elem_type(dtype)}
 
 
+@pytest.mark.parametrize("expose_bias", [False, True])
+def test_bn_before_conv_whose_zero_bias_is_cast_like_the_bn_output_folds(expose_bias: bool) -> None:
+    """Raw dynamo export of ``conv(bn(x))``: the Conv's zero bias is ``CastLike(0, bn_out)``.
+
+    The CastLike reads only the BN output's dtype, which the BN's input has too: it
+    must not count as a second reader (regression: the BN was left as
+    ``output_shared``).  When the CastLike stays (its result is a graph output here)
+    it is pointed at the BN's input.
+    """
+    net = Net(opset=20, seed=13)
+    x = net.input("x", np.float32, [1, 4, 6, 6])
+    b = net.bn(net.node("Relu", [x]), 4, name="bn")
+    w = net.weight((6, 4, 1, 1), name="conv.weight")
+    shp = net.node("Shape", [w], name="n_shape", start=0, end=1)
+    sl = net.node("Expand", [shp, net.node("Constant", [], name="n_one", value_ints=[1])], name="n_expand")
+    zero = net.node("Constant", [], name="n_zero", value=numpy_helper.from_array(np.array(0.0, np.float32)))
+    cl = net.node("CastLike", [zero, b], name="n_castlike")
+    bias = net.node("Expand", [cl, sl], name="n_expand2")
+    y = net.node("Conv", [b, w, bias], name="conv", kernel_shape=[1, 1])
+    net.output(y, np.float32)
+    if expose_bias:
+        net.output(bias, np.float32)
+    result = fold_and_check(net.build(), folded=1)
+    assert result.report.folds[0].pattern == "BatchNormalization+Conv"
+    g = result.model.graph
+    if expose_bias:
+        assert [n.input[1] for n in g.node if n.op_type == "CastLike"] == ["relu1_out"]
+    else:
+        assert [n.op_type for n in g.node] == ["Relu", "Conv"]
+
+
+@pytest.mark.parametrize("opset", [11, 17])
+def test_matmul_by_transposed_constant_folds(opset: int) -> None:
+    """TorchScript export of a bias-free ``nn.Linear`` without constant folding: ``MatMul(x, Transpose(W))``.
+
+    Regression: Transpose of a constant did not count as a constant, so the BN was left.
+    """
+    net = Net(opset=opset, seed=14)
+    x = net.input("x", np.float32, [2, 6])
+    wt = net.node("Transpose", [net.weight((5, 6), name="fc.weight")], name="n_transpose", perm=[1, 0])
+    y = net.bn(net.node("MatMul", [x, wt], name="fc"), 5)
+    net.output(y, np.float32)
+    result = fold_and_check(net.build(), folded=1)
+    assert [n.op_type for n in result.model.graph.node] == ["MatMul", "Add"]
+    assert "fc.weight" not in {t.name for t in result.model.graph.initializer}
+
+
 @pytest.mark.parametrize("opset", [7, 8])
 def test_ir3_initializers_listed_as_inputs_fold(opset: int) -> None:
     net = Net(opset=opset, seed=10)
