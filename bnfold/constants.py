@@ -50,6 +50,14 @@ def _np_dtype(onnx_type: int) -> np.dtype:
     return np.dtype(helper.tensor_dtype_to_np_dtype(onnx_type))
 
 
+def empty_of_type(onnx_type: int) -> np.ndarray | None:
+    """An empty array of an ONNX element type (an input read only for its dtype); None when unknown."""
+    try:
+        return np.empty(0, dtype=_np_dtype(onnx_type))
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
 def _check_size(shape) -> tuple[int, ...]:
     shape = tuple(int(d) for d in shape)
     if any(d < 0 for d in shape) or int(np.prod(shape, dtype=np.float64)) > MAX_ELEMENTS:

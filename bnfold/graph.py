@@ -179,7 +179,7 @@ class GraphView:
                 shape = self.static_shape(i)
                 v = np.empty(shape, dtype=np.uint8) if shape is not None else None
             elif (node.op_type, k) in constants.TYPE_ONLY and self.tensor_dtype(i):
-                v = np.empty(0, dtype=onnx.helper.tensor_dtype_to_np_dtype(self.tensor_dtype(i)))
+                v = constants.empty_of_type(self.tensor_dtype(i))
             else:
                 v = self.constant(i)
             if v is None:

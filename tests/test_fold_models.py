@@ -395,6 +395,20 @@ def test_pytorch_dynamo_zero_bias_cast_like_graph_input_folds(dtype) -> None:
     assert {t.data_type for t in result.model.graph.initializer} == {elem_type(dtype)}
 
 
+def test_cast_like_target_of_unknown_dtype_is_no_constant() -> None:
+    """A CastLike target whose elem_type onnx does not know: the bias is not a constant, no crash."""
+    net = Net(opset=20, seed=9)
+    x = net.input("x", np.float32, [1, 3, 6, 6])
+    zero = net.node("Constant", [], value=numpy_helper.from_array(np.zeros(5, np.float32)))
+    bias = net.node("CastLike", [zero, x])
+    y = net.bn(net.node("Conv", [x, net.weight((5, 3, 3, 3)), bias], pads=[1, 1, 1, 1]), 5)
+    net.output(y, np.float32)
+    model = net.build()
+    model.graph.input[0].type.tensor_type.elem_type = 999
+    result = bnfold.fold_model(model)
+    assert [s.reason.value for s in result.report.skips] == ["non_constant_weight"]
+
+
 @pytest.mark.parametrize("expose_bias", [False, True])
 def test_bn_before_conv_whose_zero_bias_is_cast_like_the_bn_output_folds(expose_bias: bool) -> None:
     """Raw dynamo export of ``conv(bn(x))``: the Conv's zero bias is ``CastLike(0, bn_out)``.
