@@ -20,6 +20,7 @@ from .patterns import (
     require_private_output,
 )
 from .report import Fold, FoldReport, Reason, Skip
+from .safety import check_tensors
 
 MAX_PASSES = 50
 
@@ -75,7 +76,12 @@ def fold_model(
 
     Returns:
         A :class:`FoldResult` with the new model and a :class:`FoldReport`.
+
+    Raises:
+        ModelLoadError: a tensor's data does not match its dtype and shape (the
+            command line checks this, and more, when it loads a model).
     """
+    check_tensors(model, model.graph.name or "model")
     if copy:
         out = onnx.ModelProto()
         out.CopyFrom(model)

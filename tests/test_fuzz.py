@@ -134,3 +134,19 @@ def test_fuzz_sample_mutants(tmp_path) -> None:
 def test_fuzz_regressions(tmp_path, path: str) -> None:
     code, err = _run_case(tmp_path, open(path, "rb").read())
     assert code != ExitCode.INTERNAL, err
+
+
+@pytest.mark.parametrize("path", FIXTURES, ids=[os.path.basename(p) for p in FIXTURES])
+def test_fuzz_regressions_through_the_api(path: str) -> None:
+    """``fold_model`` on a mutant either folds or raises a documented BnfoldError."""
+    import bnfold
+    from bnfold.errors import BnfoldError
+
+    try:
+        model = onnx.load(path)
+    except Exception:  # noqa: BLE001 - a mutant onnx itself cannot parse is not bnfold's business
+        pytest.skip("onnx cannot parse this mutant")
+    try:
+        bnfold.fold_model(model)
+    except BnfoldError as e:
+        assert e.exit_code == ExitCode.INVALID_MODEL
