@@ -11,7 +11,7 @@ import click
 from . import __version__
 from .engine import fold_model
 from .errors import EXIT_CODE_TABLE, BnfoldError, ExitCode
-from .model_io import check_model, load_model, save_model
+from .model_io import DEFAULT_SIZE_THRESHOLD, external_data_files, has_external_data, load_model, write_model
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -48,23 +48,59 @@ def main() -> None:
     is_flag=True,
     help="Treat initializers that are also graph inputs (overridable in IR >= 4) as constants.",
 )
+@click.option(
+    "--external-data/--no-external-data",
+    "external_data",
+    default=None,
+    help="Write tensors to one data file named after OUTPUT (OUTPUT.data), or embed them all. "
+    "Default: the input's layout; external data when the model is over 2 GB.",
+)
+@click.option(
+    "--size-threshold",
+    type=click.IntRange(min=0),
+    default=DEFAULT_SIZE_THRESHOLD,
+    show_default=True,
+    metavar="BYTES",
+    help="With external data: smallest tensor that goes to the data file.",
+)
+@click.option("--no-verify", is_flag=True, help="Do not run the models in onnxruntime to compare outputs.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
-def fold(model: str, output: str, freeze_initializer_inputs: bool, debug: bool) -> None:
+def fold(
+    model: str,
+    output: str,
+    freeze_initializer_inputs: bool,
+    external_data: bool | None,
+    size_threshold: int,
+    no_verify: bool,
+    debug: bool,
+) -> None:
     """Fold every foldable BatchNormalization in MODEL and write the result to OUTPUT."""
     try:
+        base_dir = os.path.dirname(os.path.abspath(model))
         m = load_model(model)
-        result = fold_model(
-            m,
-            freeze_initializer_inputs=freeze_initializer_inputs,
-            base_dir=os.path.dirname(os.path.abspath(model)),
-            copy=False,
+        in_files = external_data_files(m, base_dir)
+        in_size = os.path.getsize(model) + sum(os.path.getsize(p) for p in in_files)
+        if external_data is None and has_external_data(m):
+            external_data = True
+        result = fold_model(m, freeze_initializer_inputs=freeze_initializer_inputs, base_dir=base_dir, copy=False)
+        written = write_model(
+            result.model,
+            output,
+            base_dir=base_dir,
+            external=external_data,
+            size_threshold=size_threshold,
+            protect=in_files,
+            check=True,
         )
-        check_model(result.model, output, full=True)
-        size = save_model(result.model, output)
     except (Exception, KeyboardInterrupt) as e:
         _fail(e, debug)
         return
     for line in result.report.summary_lines():
         click.echo(line)
-    click.echo(f"size: {os.path.getsize(model)} -> {size} bytes")
-    click.echo(f"wrote {output}")
+    if written.auto_external:
+        click.echo("the model is over 2 GB (protobuf's limit): writing it with external data")
+    click.echo(f"size: {in_size} -> {written.size} bytes")
+    if written.data_path:
+        click.echo(f"wrote {output} (data: {os.path.basename(written.data_path)})")
+    else:
+        click.echo(f"wrote {output}")

@@ -1,18 +1,192 @@
-"""Reading and writing models: clear errors on bad input, atomic writes."""
+"""Reading and writing models: clear errors on bad input, atomic writes, external data.
+
+Loading never reads external tensor data: tensors stay references to the
+input's data files, and :func:`bnfold.graph.tensor_value` reads the few that a
+fold needs.  Writing streams: untouched external tensors are copied chunk by
+chunk from the input's data files into one fresh data file named after the
+output, and an embedded model is serialized one initializer at a time, so
+neither the model nor its data is ever held twice in memory and nothing is
+serialized as one message over protobuf's 2 GB limit.
+
+Every file is written under a temporary name in the output folder, fsynced and
+renamed into place, so a stale data file next to the output is replaced, never
+appended to, and a data file that the input still uses is never touched.
+"""
 
 from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import BinaryIO
 
 import onnx
 from google.protobuf.message import DecodeError
+from onnx import TensorProto
 
 from .errors import ModelLoadError, OutputError
 
+#: Largest message protobuf can serialize or parse (``onnx.checker.MAXIMUM_PROTOBUF``).
+MAX_PROTOBUF = 2**31 - 1
+#: Tensors of at least this many bytes go to the data file when writing external data (onnx's default).
+DEFAULT_SIZE_THRESHOLD = 1024
+_CHUNK = 16 << 20
+# Location of the data-less stand-ins used to check a model's structure in memory:
+# onnx's checker does not look for files whose location starts with '#'.
+_STUB_LOCATION = "#bnfold-stub"
+# Sub-byte element types: elements per byte.
+_PACKED = {
+    **{getattr(TensorProto, n): 2 for n in ("INT4", "UINT4", "FLOAT4E2M1") if hasattr(TensorProto, n)},
+    **{getattr(TensorProto, n): 4 for n in ("INT2", "UINT2") if hasattr(TensorProto, n)},
+}
+
+
+# ---------------------------------------------------------------------------
+# Tensors of a model
+# ---------------------------------------------------------------------------
+
+
+def _graph_tensors(graph: onnx.GraphProto) -> Iterator[tuple[TensorProto, bool]]:
+    for t in graph.initializer:
+        yield t, True
+    for st in graph.sparse_initializer:
+        yield st.values, False
+        yield st.indices, False
+    yield from _node_tensors(graph.node)
+
+
+def _node_tensors(nodes: Iterable[onnx.NodeProto]) -> Iterator[tuple[TensorProto, bool]]:
+    for n in nodes:
+        for a in n.attribute:
+            if a.HasField("t"):
+                yield a.t, False
+            for t in a.tensors:
+                yield t, False
+            sparse = [a.sparse_tensor] if a.HasField("sparse_tensor") else []
+            for st in (*sparse, *a.sparse_tensors):
+                yield st.values, False
+                yield st.indices, False
+            if a.HasField("g"):
+                yield from _graph_tensors(a.g)
+            for g in a.graphs:
+                yield from _graph_tensors(g)
+
+
+def model_tensors(model: onnx.ModelProto) -> Iterator[tuple[TensorProto, bool]]:
+    """Every tensor of a model (all graphs, node attributes, functions) with ``is_initializer``."""
+    yield from _graph_tensors(model.graph)
+    for f in model.functions:
+        yield from _node_tensors(f.node)
+
+
+def is_external(t: TensorProto) -> bool:
+    """True when the tensor's data lives in an external file."""
+    return t.HasField("data_location") and t.data_location == TensorProto.EXTERNAL
+
+
+def has_external_data(model: onnx.ModelProto) -> bool:
+    """True when any tensor of the model refers to an external data file."""
+    return any(is_external(t) for t, _ in model_tensors(model))
+
+
+def tensor_nbytes(t: TensorProto) -> int | None:
+    """Bytes the tensor's data takes in raw form (None for strings and unknown types)."""
+    n = 1
+    for d in t.dims:
+        n *= int(d)
+    per = _PACKED.get(t.data_type)
+    if per:
+        return -(-n // per)
+    if t.data_type in (TensorProto.STRING, TensorProto.UNDEFINED):
+        return None
+    try:
+        return n * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+@dataclass(frozen=True)
+class ExternalRef:
+    """Where an external tensor's bytes are: ``length`` bytes of ``path`` from ``offset``."""
+
+    path: str
+    location: str
+    offset: int
+    length: int
+
+
+def _entries(t: TensorProto) -> dict[str, str]:
+    return {e.key: e.value for e in t.external_data}
+
+
+def external_ref(t: TensorProto, base_dir: str) -> ExternalRef:
+    """Resolve and validate an external tensor's location (relative, inside ``base_dir``, in bounds).
+
+    Raises:
+        ModelLoadError: the location is missing, absolute, escapes ``base_dir``, is not a
+            regular file, or the offset and length do not fit in the file or the tensor's shape.
+    """
+    e = _entries(t)
+    loc = e.get("location", "")
+    what = f"tensor '{t.name}'"
+    if not loc:
+        raise ModelLoadError(f"{what} is stored externally but has no location")
+    parts = loc.replace("\\", "/").split("/")
+    if os.path.isabs(loc) or loc.startswith(("/", "\\")) or ".." in parts or (len(loc) > 1 and loc[1] == ":"):
+        raise ModelLoadError(f"{what}: external data location '{loc}' must be a relative path inside the model folder")
+    path = os.path.join(base_dir, *[p for p in parts if p not in ("", ".")])
+    if not os.path.isfile(path):
+        raise ModelLoadError(f"{what}: external data file '{loc}' does not exist or is not a regular file")
+    try:
+        offset = int(e.get("offset", 0) or 0)
+        length = int(e["length"]) if e.get("length") not in (None, "") else None
+    except ValueError:
+        raise ModelLoadError(f"{what}: external data offset/length are not integers") from None
+    size = os.path.getsize(path)
+    if offset < 0 or (length is not None and length < 0):
+        raise ModelLoadError(f"{what}: negative external data offset or length")
+    if length is None:
+        length = max(size - offset, 0)
+    if offset + length > size:
+        raise ModelLoadError(
+            f"{what}: external data '{loc}' holds {size} bytes, the tensor needs {length} from offset {offset}"
+        )
+    need = tensor_nbytes(t)
+    if need is not None and length < need:
+        raise ModelLoadError(f"{what}: external data holds {length} bytes, its shape needs {need}")
+    return ExternalRef(path, loc, offset, length)
+
+
+def external_data_files(model: onnx.ModelProto, base_dir: str) -> set[str]:
+    """Real paths of the data files a model's external tensors point at (relative to ``base_dir``)."""
+    files = set()
+    for t, _ in model_tensors(model):
+        if is_external(t):
+            files.add(os.path.realpath(external_ref(t, base_dir).path))
+    return files
+
+
+def read_external(t: TensorProto, base_dir: str) -> bytes:
+    """The bytes of one external tensor (validated location and bounds)."""
+    ref = external_ref(t, base_dir)
+    with open(ref.path, "rb") as f:
+        f.seek(ref.offset)
+        return f.read(ref.length)
+
+
+# ---------------------------------------------------------------------------
+# Loading and checking
+# ---------------------------------------------------------------------------
+
 
 def load_model(path: str, *, check: bool = True) -> onnx.ModelProto:
-    """Load an ONNX model (with its external data); raise :class:`ModelLoadError` on bad input."""
+    """Load an ONNX model without reading its external data; raise :class:`ModelLoadError` on bad input.
+
+    External tensors stay references (``data_location == EXTERNAL``) relative to the
+    model's folder; their locations and bounds are validated here, their bytes are
+    read only when a fold needs them.
+    """
     if not os.path.exists(path):
         raise ModelLoadError(f"{path}: no such file")
     if os.path.isdir(path):
@@ -29,52 +203,549 @@ def load_model(path: str, *, check: bool = True) -> onnx.ModelProto:
         raise ModelLoadError(f"{path}: not an ONNX model (no graph or IR version)")
     base_dir = os.path.dirname(os.path.abspath(path))
     try:
-        onnx.external_data_helper.load_external_data_for_model(model, base_dir)
-    except (OSError, ValueError, onnx.checker.ValidationError) as e:
-        raise ModelLoadError(f"{path}: cannot read external data ({_first_line(e)})") from e
+        for t, _ in model_tensors(model):
+            if is_external(t):
+                external_ref(t, base_dir)
+    except ModelLoadError as e:
+        raise ModelLoadError(f"{path}: cannot read external data: {e}") from e
     if check:
         check_model(model, path)
     return model
 
 
+def _stub(t: TensorProto) -> TensorProto:
+    """A data-less stand-in with the tensor's name, type and shape (external at a '#' location)."""
+    s = TensorProto(name=t.name, data_type=t.data_type, dims=t.dims, data_location=TensorProto.EXTERNAL)
+    e = s.external_data.add()
+    e.key, e.value = "location", _STUB_LOCATION
+    return s
+
+
+def _is_big(t: TensorProto, threshold: int = 4096) -> bool:
+    if is_external(t):
+        return True
+    if not t.HasField("raw_data"):
+        return False
+    n = tensor_nbytes(t)
+    return n is None or n >= threshold
+
+
+def _check_raw_size(t: TensorProto, label: str) -> None:
+    need = tensor_nbytes(t)
+    if need is not None and not is_external(t) and len(t.raw_data) < need:
+        raise ModelLoadError(
+            f"{label}: invalid model: tensor '{t.name}' has {len(t.raw_data)} bytes of data, its shape needs {need}"
+        )
+
+
+def _skeleton_graph(g: onnx.GraphProto, label: str) -> onnx.GraphProto:
+    out = onnx.GraphProto()
+    for fd, value in g.ListFields():
+        if fd.name == "initializer":
+            for t in value:
+                if _is_big(t):
+                    _check_raw_size(t, label)
+                    out.initializer.append(_stub(t))
+                else:
+                    out.initializer.append(t)
+        elif fd.name == "node":
+            out.node.extend(_skeleton_nodes(value, label))
+        else:
+            _copy_field(out, fd, value)
+    return out
+
+
+def _skeleton_nodes(nodes: Iterable[onnx.NodeProto], label: str) -> list[onnx.NodeProto]:
+    res = []
+    for n in nodes:
+        heavy = any(a.HasField("g") or a.graphs or (a.HasField("t") and _is_big(a.t)) for a in n.attribute)
+        if not heavy:
+            res.append(n)
+            continue
+        m = onnx.NodeProto()
+        for fd, value in n.ListFields():
+            if fd.name != "attribute":
+                _copy_field(m, fd, value)
+        for a in n.attribute:
+            b = m.attribute.add()
+            for fd, value in a.ListFields():
+                if fd.name == "g":
+                    b.g.CopyFrom(_skeleton_graph(value, label))
+                elif fd.name == "graphs":
+                    b.graphs.extend(_skeleton_graph(x, label) for x in value)
+                elif fd.name == "t" and _is_big(value):
+                    _check_raw_size(value, label)
+                    b.t.CopyFrom(_stub(value))
+                else:
+                    _copy_field(b, fd, value)
+        res.append(m)
+    return res
+
+
+def _repeated(fd) -> bool:
+    flag = getattr(fd, "is_repeated", None)  # protobuf >= 6; older ones only have ``label``
+    return bool(flag) if flag is not None else fd.label == fd.LABEL_REPEATED
+
+
+def _copy_field(dst, fd, value) -> None:
+    if _repeated(fd):
+        getattr(dst, fd.name).extend(value)
+    elif fd.type == fd.TYPE_MESSAGE:
+        getattr(dst, fd.name).CopyFrom(value)
+    else:
+        setattr(dst, fd.name, value)
+
+
+def skeleton(model: onnx.ModelProto, label: str = "model") -> onnx.ModelProto:
+    """A copy of ``model`` whose large tensors are data-less stand-ins of the same name, type and shape.
+
+    The onnx checker (and shape inference) on the skeleton sees every node, graph,
+    type and shape of the model without a copy of its weights.  Embedded tensors that
+    are stubbed are checked here for holding enough bytes for their shape.
+    """
+    sk = onnx.ModelProto()
+    for fd, value in model.ListFields():
+        if fd.name == "graph":
+            sk.graph.CopyFrom(_skeleton_graph(value, label))
+        elif fd.name == "functions":
+            for f in value:
+                nf = sk.functions.add()
+                for ffd, fv in f.ListFields():
+                    if ffd.name == "node":
+                        nf.node.extend(_skeleton_nodes(fv, label))
+                    else:
+                        _copy_field(nf, ffd, fv)
+        else:
+            _copy_field(sk, fd, value)
+    return sk
+
+
 def check_model(model: onnx.ModelProto, label: str, full: bool = False) -> None:
-    """Run the onnx checker; raise :class:`ModelLoadError` with its first line."""
+    """Run the onnx checker on the model's skeleton (no weights are copied or serialized).
+
+    Raises :class:`ModelLoadError` with the checker's first line.
+    """
+    sk = skeleton(model, label)
     try:
-        onnx.checker.check_model(model, full_check=full)
+        onnx.checker.check_model(sk, full_check=full)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError, ValueError) as e:
         raise ModelLoadError(f"{label}: invalid model: {_first_line(e)}") from e
 
 
-def save_model(model: onnx.ModelProto, path: str) -> int:
-    """Write ``model`` to ``path`` atomically (temp file in the same folder, fsync, rename).
+def check_model_path(path: str, label: str | None = None, full: bool = False) -> None:
+    """Run the onnx checker on a model file by path (works for models over 2 GB)."""
+    try:
+        onnx.checker.check_model(path, full_check=full)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError, ValueError) as e:
+        raise ModelLoadError(f"{label or path}: invalid model: {_first_line(e)}") from e
 
-    Returns the number of bytes written.
+
+# ---------------------------------------------------------------------------
+# Writing
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class WriteResult:
+    """What :func:`write_model` wrote."""
+
+    path: str
+    data_path: str | None  # the external data file, when there is one
+    size: int  # bytes of the model file plus its data file
+    external: bool  # written with external data
+    auto_external: bool  # switched to external data because the model is over 2 GB
+
+
+def model_files_size(path: str) -> int:
+    """Bytes of a model file plus the external data files it uses."""
+    size = os.path.getsize(path)
+    try:
+        m = onnx.load(path, load_external_data=False)
+        base = os.path.dirname(os.path.abspath(path))
+        size += sum(os.path.getsize(p) for p in external_data_files(m, base))
+    except Exception:
+        pass
+    return size
+
+
+def embedded_size(model: onnx.ModelProto, base_dir: str) -> int:
+    """Approximate size of the model serialized with every tensor embedded."""
+    size = 0
+    ext = []
+    for t, _ in model_tensors(model):
+        if is_external(t):
+            ext.append(t)
+    for t in ext:
+        size += external_ref(t, base_dir).length + 16
+    # The proto itself: only cheap when big tensors are external; otherwise estimate from
+    # the raw tensor sizes instead of serializing.
+    for t, _ in model_tensors(model):
+        if not is_external(t):
+            n = tensor_nbytes(t)
+            size += (n or 0) + 64
+    return size + 256 * len(model.graph.node) + 4096
+
+
+def write_model(
+    model: onnx.ModelProto,
+    path: str,
+    *,
+    base_dir: str | None = None,
+    external: bool | None = None,
+    size_threshold: int = DEFAULT_SIZE_THRESHOLD,
+    protect: Iterable[str] = (),
+    check: bool = False,
+    full_check: bool = True,
+) -> WriteResult:
+    """Write ``model`` to ``path`` atomically, with its data embedded or in one external data file.
+
+    Args:
+        model: the model; external tensors are relative to ``base_dir``.  It is updated in
+            place: after the call, its external tensors point at the written data file
+            (relative to the output folder).  Discard it if the call raised.
+        path: the output model file.
+        base_dir: folder the model's current external locations are relative to (default: cwd).
+        external: True writes tensors of at least ``size_threshold`` bytes to
+            ``<output>.data``; False embeds everything (refused over 2 GB); None keeps the
+            model's layout (external when any tensor is external) and switches to external
+            data when the model is over 2 GB.
+        size_threshold: smallest tensor (in bytes) that goes to the data file.
+        protect: files that must not be written (the input's data files are always protected);
+            when the default data file name is one of them, ``<output>.1.data`` (and so on) is used.
+        check: run the onnx checker before the output takes its final name (by path when
+            the output has external data, on the skeleton in memory otherwise).
+        full_check: with ``check``, also run the checker's shape inference.
+
+    Returns:
+        A :class:`WriteResult`.
+
+    Raises:
+        OutputError: the output cannot be written (nothing is left behind).
+        ModelLoadError: ``check`` found the model invalid (nothing is left behind).
     """
-    data = model.SerializeToString()
+    src_dir = os.path.abspath(base_dir or os.getcwd())
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise OutputError(f"{path}: output folder {folder} does not exist")
+    if os.path.isdir(path):
+        raise OutputError(f"{path}: is a folder")
+    protected = {os.path.realpath(p) for p in protect} | external_data_files(model, src_dir)
+    if os.path.realpath(path) in protected:
+        raise OutputError(f"{path}: is a data file of the input model; choose another output name")
+    auto = False
+    if external is None:
+        external = has_external_data(model)
+        if not external and embedded_size(model, src_dir) > MAX_PROTOBUF:
+            external = auto = True
+    elif not external and embedded_size(model, src_dir) > MAX_PROTOBUF:
+        raise OutputError(
+            f"{path}: the model is over 2 GB, protobuf's limit for one file: it needs external data "
+            "(drop --no-external-data)"
+        )
+
+    tmps: list[str] = []
+    committed_data: str | None = None
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-    except OSError as e:
-        raise OutputError(f"{path}: cannot write ({e.strerror or e})") from e
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
+        data_path = None
+        if external:
+            data_name = _data_file_name(folder, os.path.basename(path), protected)
+            data_tmp = _mkstemp(folder, data_name, path)
+            tmps.append(data_tmp)
+            written = _write_external(model, src_dir, data_tmp, data_name, size_threshold)
+            if written:
+                data_path = os.path.join(folder, data_name)
+            else:
+                os.unlink(data_tmp)
+                tmps.remove(data_tmp)
+        else:
+            _embed_external(model, src_dir)
+        if check and data_path is None:
+            check_model(model, path, full=full_check)
+        model_tmp = _mkstemp(folder, os.path.basename(path), path)
+        tmps.append(model_tmp)
+        with open(model_tmp, "wb") as f:
+            size = write_proto(model, f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        if data_path is not None:
+            os.replace(tmps[0], data_path)
+            tmps.pop(0)
+            committed_data = data_path
+            size += os.path.getsize(data_path)
+            if check:
+                check_model_path(model_tmp, path, full=full_check)
+        os.replace(model_tmp, path)
+        tmps.remove(model_tmp)
+        committed_data = None
+        _fsync_dir(folder)
     except BaseException as e:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
+        for t in [*tmps, *([committed_data] if committed_data else [])]:
+            try:
+                os.unlink(t)
+            except OSError:
+                pass
         if isinstance(e, OSError):
             raise OutputError(f"{path}: cannot write ({e.strerror or e})") from e
         raise
-    return len(data)
+    return WriteResult(os.path.abspath(path), data_path, size, data_path is not None, auto)
+
+
+def save_model(
+    model: onnx.ModelProto,
+    path: str,
+    *,
+    base_dir: str | None = None,
+    external: bool | None = None,
+    size_threshold: int = DEFAULT_SIZE_THRESHOLD,
+    protect: Iterable[str] = (),
+) -> int:
+    """Write ``model`` to ``path`` atomically (see :func:`write_model`); return the bytes written."""
+    return write_model(
+        model, path, base_dir=base_dir, external=external, size_threshold=size_threshold, protect=protect
+    ).size
+
+
+def _mkstemp(folder: str, name: str, label: str) -> str:
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
+    except OSError as e:
+        raise OutputError(f"{label}: cannot write ({e.strerror or e})") from e
+    os.close(fd)
+    return tmp
+
+
+def _fsync_dir(folder: str) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _data_file_name(folder: str, model_name: str, protected: set[str]) -> str:
+    """``<model>.data``, or ``<model>.1.data``... when that name is a file the input uses."""
+    name, k = f"{model_name}.data", 0
+    while os.path.realpath(os.path.join(folder, name)) in protected:
+        k += 1
+        name = f"{model_name}.{k}.data"
+    return name
+
+
+def _set_external(t: TensorProto, location: str, offset: int, length: int) -> None:
+    keep = [(e.key, e.value) for e in t.external_data if e.key == "checksum"]
+    del t.external_data[:]
+    for k, v in (("location", location), ("offset", str(offset)), ("length", str(length)), *keep):
+        e = t.external_data.add()
+        e.key, e.value = k, v
+    t.data_location = TensorProto.EXTERNAL
+
+
+def _copy_range(src: BinaryIO, dst: BinaryIO, offset: int, length: int) -> None:
+    """Copy ``length`` bytes of ``src`` from ``offset`` to the end of ``dst``, in chunks."""
+    done = 0
+    if hasattr(os, "copy_file_range"):
+        dst.flush()
+        out_off = dst.tell()
+        try:
+            while done < length:
+                n = os.copy_file_range(src.fileno(), dst.fileno(), min(length - done, 1 << 30), offset + done)
+                if n <= 0:
+                    break
+                done += n
+        except OSError:
+            pass
+        dst.seek(out_off + done)
+    src.seek(offset + done)
+    while done < length:
+        chunk = src.read(min(_CHUNK, length - done))
+        if not chunk:
+            raise OutputError(f"{src.name}: external data ended early")
+        dst.write(chunk)
+        done += len(chunk)
+
+
+def _write_external(model: onnx.ModelProto, src_dir: str, data_tmp: str, data_name: str, threshold: int) -> bool:
+    """Move every external tensor and every embedded initializer of at least ``threshold`` bytes
+    into ``data_tmp`` (external tensors are copied in chunks, never loaded); point them at
+    ``data_name``.  Returns True when the data file holds any tensor."""
+    sources: dict[str, BinaryIO] = {}
+    any_external = False
+    try:
+        with open(data_tmp, "r+b") as out:
+            for t, is_init in model_tensors(model):
+                if is_external(t):
+                    ref = external_ref(t, src_dir)
+                    src = sources.get(ref.path)
+                    if src is None:
+                        src = sources[ref.path] = open(ref.path, "rb")
+                    offset = out.tell()
+                    _copy_range(src, out, ref.offset, ref.length)
+                    _set_external(t, data_name, offset, ref.length)
+                    any_external = True
+                elif is_init and t.HasField("raw_data") and (tensor_nbytes(t) or threshold) >= threshold:
+                    raw = t.raw_data
+                    if len(raw) < threshold:
+                        continue
+                    offset = out.tell()
+                    out.write(raw)
+                    t.ClearField("raw_data")
+                    _set_external(t, data_name, offset, len(raw))
+                    del raw
+                    any_external = True
+            out.flush()
+            os.fsync(out.fileno())
+    finally:
+        for f in sources.values():
+            f.close()
+    return any_external
+
+
+def _embed_external(model: onnx.ModelProto, src_dir: str) -> None:
+    """Read every external tensor into the model (the output is one self-contained file)."""
+    for t, _ in model_tensors(model):
+        if is_external(t):
+            data = read_external(t, src_dir)
+            del t.external_data[:]
+            t.ClearField("data_location")
+            t.raw_data = data
+
+
+# ---------------------------------------------------------------------------
+# Streaming serialization
+# ---------------------------------------------------------------------------
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+
+_MODEL_GRAPH_FIELD = onnx.ModelProto.DESCRIPTOR.fields_by_name["graph"].number
+_GRAPH_INIT_FIELD = onnx.GraphProto.DESCRIPTOR.fields_by_name["initializer"].number
+_RAW_DATA = TensorProto.DESCRIPTOR.fields_by_name["raw_data"]
+
+
+def _split(msg, number: int, cls):
+    """Two copies of ``msg`` without field ``number``: fields below it, fields above it."""
+    lo, hi = cls(), cls()
+    for fd, value in msg.ListFields():
+        if fd.number != number:
+            _copy_field(lo if fd.number < number else hi, fd, value)
+    return lo, hi
+
+
+def _tensor_size(t: TensorProto) -> tuple[int, int]:
+    """Serialized size of an initializer (computed without copying its raw data), and its raw length."""
+    bare = TensorProto()
+    for fd, value in t.ListFields() if not t.HasField("raw_data") else _fields_but_raw(t):
+        _copy_field(bare, fd, value)
+    if not t.HasField("raw_data"):
+        return len(bare.SerializeToString()), 0
+    n = tensor_nbytes(t)
+    if n is None:
+        n = len(t.raw_data)
+    return len(bare.SerializeToString()) + 1 + len(_varint(n)) + n, n
+
+
+def _fields_but_raw(t: TensorProto):
+    for fd in TensorProto.DESCRIPTOR.fields:
+        if fd is _RAW_DATA or fd.name == "raw_data":
+            continue
+        value = getattr(t, fd.name)
+        if _repeated(fd):
+            if len(value):
+                yield fd, value
+        elif t.HasField(fd.name):
+            yield fd, value
+
+
+class _SizeMismatch(Exception):
+    pass
+
+
+def write_proto(model: onnx.ModelProto, f: BinaryIO) -> int:
+    """Serialize ``model`` into ``f`` one top-level initializer at a time; return the bytes written.
+
+    The bytes equal ``model.SerializeToString()`` while never holding more than one
+    initializer's serialization in memory.
+    """
+    start = f.tell()
+    try:
+        return _write_streamed(model, f)
+    except _SizeMismatch:
+        f.seek(start)
+        f.truncate()
+        data = model.SerializeToString()
+        f.write(data)
+        return len(data)
+
+
+def _write_streamed(model: onnx.ModelProto, f: BinaryIO) -> int:
+    if not model.HasField("graph"):
+        data = model.SerializeToString()
+        f.write(data)
+        return len(data)
+    head, tail = _split(model, _MODEL_GRAPH_FIELD, onnx.ModelProto)
+    g_head, g_tail = _split(model.graph, _GRAPH_INIT_FIELD, onnx.GraphProto)
+    g_head_b, g_tail_b = g_head.SerializeToString(), g_tail.SerializeToString()
+    init_tag = _varint(_GRAPH_INIT_FIELD << 3 | 2)
+    sizes = [_tensor_size(t)[0] for t in model.graph.initializer]
+    graph_len = len(g_head_b) + len(g_tail_b) + sum(len(init_tag) + len(_varint(s)) + s for s in sizes)
+    if graph_len > MAX_PROTOBUF:
+        raise OutputError("the model is over 2 GB, protobuf's limit: write it with external data")
+    total = 0
+    for piece in (head.SerializeToString(), _varint(_MODEL_GRAPH_FIELD << 3 | 2), _varint(graph_len), g_head_b):
+        f.write(piece)
+        total += len(piece)
+    for t, s in zip(model.graph.initializer, sizes, strict=True):
+        b = t.SerializeToString()
+        if len(b) != s:
+            raise _SizeMismatch
+        f.write(init_tag)
+        f.write(_varint(s))
+        f.write(b)
+        total += len(init_tag) + len(_varint(s)) + s
+        del b
+    for piece in (g_tail_b, tail.SerializeToString()):
+        f.write(piece)
+        total += len(piece)
+    return total
 
 
 def _first_line(e: BaseException) -> str:
     text = str(e).strip() or type(e).__name__
     return text.splitlines()[0][:300]
+
+
+__all__ = [
+    "DEFAULT_SIZE_THRESHOLD",
+    "MAX_PROTOBUF",
+    "ExternalRef",
+    "WriteResult",
+    "check_model",
+    "check_model_path",
+    "external_data_files",
+    "external_ref",
+    "has_external_data",
+    "load_model",
+    "model_files_size",
+    "model_tensors",
+    "read_external",
+    "save_model",
+    "skeleton",
+    "tensor_nbytes",
+    "write_model",
+    "write_proto",
+]
