@@ -247,7 +247,9 @@ class GraphView:
         t = numpy_helper.from_array(value, name)
         self.new_initializers.append(t)
         self.initializers[name] = t
-        self._cache[name] = value
+        # Not cached: the proto holds the value; a second numpy copy of every folded
+        # weight would double the memory a fold needs.  A later read decodes it again.
+        self._cache.pop(name, None)
         return name
 
     def replace_constant(self, name: str, value: np.ndarray, base: str, reader: onnx.NodeProto) -> str:
@@ -259,8 +261,8 @@ class GraphView:
         """
         t = self.initializers.get(name)
         if t is not None and self.only_consumer(name, reader) and name not in self.inputs:
-            t.CopyFrom(numpy_helper.from_array(value, name))
-            self._cache[name] = value
+            set_tensor_value(t, value, name)
+            self._cache.pop(name, None)  # not cached: see add_constant
             return name
         return self.add_constant(base, value)
 
@@ -336,6 +338,31 @@ class GraphView:
             for i in range(len(self.graph.value_info) - 1, -1, -1):
                 if self.graph.value_info[i].name in gone:
                     del self.graph.value_info[i]
+
+
+def set_tensor_value(t: onnx.TensorProto, value: np.ndarray, name: str) -> None:
+    """Make ``t`` an embedded tensor holding ``value`` (replacing any external reference).
+
+    Same result as ``t.CopyFrom(numpy_helper.from_array(value, name))`` with one copy of
+    the data fewer for the common little-endian float types.
+    """
+    value = np.asarray(value)
+    dtype = _SIMPLE_DTYPES.get(value.dtype)
+    if dtype is None or value.dtype.byteorder == ">":
+        t.CopyFrom(numpy_helper.from_array(value, name))
+        return
+    t.Clear()
+    t.name = name
+    t.data_type = dtype
+    t.dims.extend(value.shape)
+    t.raw_data = np.ascontiguousarray(value).tobytes()
+
+
+_SIMPLE_DTYPES = {
+    np.dtype(np.float16): onnx.TensorProto.FLOAT16,
+    np.dtype(np.float32): onnx.TensorProto.FLOAT,
+    np.dtype(np.float64): onnx.TensorProto.DOUBLE,
+}
 
 
 def tensor_value(t: onnx.TensorProto, base_dir: str | None) -> np.ndarray:
