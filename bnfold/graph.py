@@ -6,6 +6,7 @@ Structural edits (removing and inserting nodes) are queued and applied once by
 
 from __future__ import annotations
 
+import math
 import os
 from collections import defaultdict
 from collections.abc import Iterator
@@ -390,7 +391,7 @@ def infer_value_types(model: onnx.ModelProto, max_inline: int = 1024) -> dict[st
     g.value_info.extend(src.value_info)
     listed = {i.name for i in src.input}
     for t in src.initializer:
-        small = t.data_location != onnx.TensorProto.EXTERNAL and int(np.prod(t.dims)) <= max_inline
+        small = t.data_location != onnx.TensorProto.EXTERNAL and math.prod(t.dims) <= max_inline
         if small:
             g.initializer.append(t)
         elif t.name not in listed:
