@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import traceback
@@ -11,7 +12,14 @@ import click
 from . import __version__
 from .engine import fold_model
 from .errors import EXIT_CODE_TABLE, BnfoldError, ExitCode
-from .model_io import DEFAULT_SIZE_THRESHOLD, external_data_files, has_external_data, load_model, write_model
+from .model_io import (
+    DEFAULT_SIZE_THRESHOLD,
+    DataSink,
+    external_data_files,
+    has_external_data,
+    load_model,
+    write_model,
+)
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -82,16 +90,22 @@ def fold(
         in_size = os.path.getsize(model) + sum(os.path.getsize(p) for p in in_files)
         if external_data is None and has_external_data(m):
             external_data = True
-        result = fold_model(m, freeze_initializer_inputs=freeze_initializer_inputs, base_dir=base_dir, copy=False)
-        written = write_model(
-            result.model,
-            output,
-            base_dir=base_dir,
-            external=external_data,
-            size_threshold=size_threshold,
-            protect=in_files,
-            check=True,
-        )
+        # With external data, folded weights go straight to the output's data file.
+        sink = DataSink(output, size_threshold=size_threshold, protect=in_files) if external_data else None
+        with sink or contextlib.nullcontext():
+            result = fold_model(
+                m, freeze_initializer_inputs=freeze_initializer_inputs, base_dir=base_dir, copy=False, sink=sink
+            )
+            written = write_model(
+                result.model,
+                output,
+                base_dir=base_dir,
+                external=external_data,
+                size_threshold=size_threshold,
+                protect=in_files,
+                check=True,
+                sink=sink,
+            )
     except (Exception, KeyboardInterrupt) as e:
         _fail(e, debug)
         return

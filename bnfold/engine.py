@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import onnx
 
 from .graph import GraphView, ModelContext, all_names, infer_value_types, subgraphs
+from .model_io import DataSink
 from .patterns import (
     CONSUMER_FOLDS,
     PRODUCER_FOLDS,
@@ -53,6 +54,7 @@ def fold_model(
     freeze_initializer_inputs: bool = False,
     base_dir: str | None = None,
     copy: bool = True,
+    sink: DataSink | None = None,
 ) -> FoldResult:
     """Fold every foldable BatchNormalization (and per-channel Mul/Add/Sub/Div) in ``model``.
 
@@ -62,6 +64,8 @@ def fold_model(
             (overridable at run time in IR >= 4) as constants.
         base_dir: folder that external-data locations are relative to.
         copy: work on a copy (default); False folds ``model`` in place.
+        sink: a :class:`bnfold.model_io.DataSink`: big folded values are written to it
+            at once instead of into the model (for outputs with external data).
 
     Returns:
         A :class:`FoldResult` with the new model and a :class:`FoldReport`.
@@ -78,6 +82,7 @@ def fold_model(
         freeze_initializer_inputs=freeze_initializer_inputs,
         value_types=infer_value_types(out),
         used_names=all_names(out.graph),
+        sink=sink,
     )
     report = FoldReport(bn_count=count_nodes(out.graph, "BatchNormalization"), nodes_before=count_nodes(out.graph))
     _fold_graph(out.graph, ctx, None, "main", report)

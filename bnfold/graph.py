@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ import onnx
 from onnx import numpy_helper
 
 from . import constants
+from .model_io import DataSink, read_external
 
 _MISSING = object()
 
@@ -51,6 +53,7 @@ class ModelContext:
     freeze_initializer_inputs: bool = False
     value_types: dict[str, onnx.TypeProto] = field(default_factory=dict)
     used_names: set[str] = field(default_factory=set)
+    sink: DataSink | None = None  # where big folded values go when the output has external data
 
     def fresh_name(self, base: str) -> str:
         """A tensor name not used anywhere in the model."""
@@ -245,7 +248,8 @@ class GraphView:
     def add_constant(self, base: str, value: np.ndarray) -> str:
         """Add a new initializer with a fresh name; return the name."""
         name = self.ctx.fresh_name(base)
-        t = numpy_helper.from_array(value, name)
+        t = onnx.TensorProto()
+        set_tensor_value(t, value, name, self.ctx.sink)
         self.new_initializers.append(t)
         self.initializers[name] = t
         # Not cached: the proto holds the value; a second numpy copy of every folded
@@ -262,7 +266,7 @@ class GraphView:
         """
         t = self.initializers.get(name)
         if t is not None and self.only_consumer(name, reader) and name not in self.inputs:
-            set_tensor_value(t, value, name)
+            set_tensor_value(t, value, name, self.ctx.sink)
             self._cache.pop(name, None)  # not cached: see add_constant
             return name
         return self.add_constant(base, value)
@@ -341,13 +345,17 @@ class GraphView:
                     del self.graph.value_info[i]
 
 
-def set_tensor_value(t: onnx.TensorProto, value: np.ndarray, name: str) -> None:
-    """Make ``t`` an embedded tensor holding ``value`` (replacing any external reference).
+def set_tensor_value(t: onnx.TensorProto, value: np.ndarray, name: str, sink: DataSink | None = None) -> None:
+    """Make ``t`` the tensor ``name`` holding ``value`` (replacing any external reference).
 
-    Same result as ``t.CopyFrom(numpy_helper.from_array(value, name))`` with one copy of
-    the data fewer for the common little-endian float types.
+    With a ``sink``, a big value is written to the sink's data file and ``t`` refers to
+    it; otherwise ``t`` embeds it: the same result as
+    ``t.CopyFrom(numpy_helper.from_array(value, name))``, with one copy of the data fewer
+    for the common little-endian float types.
     """
     value = np.asarray(value)
+    if sink is not None and sink.put(t, value, name):
+        return
     dtype = _SIMPLE_DTYPES.get(value.dtype)
     if dtype is None or value.dtype.byteorder == ">":
         t.CopyFrom(numpy_helper.from_array(value, name))
@@ -368,9 +376,33 @@ _SIMPLE_DTYPES = {
 
 def tensor_value(t: onnx.TensorProto, base_dir: str | None) -> np.ndarray:
     """numpy value of an initializer, reading external data from ``base_dir`` when needed."""
-    if t.data_location == onnx.TensorProto.EXTERNAL:
-        return numpy_helper.to_array(t, base_dir or os.getcwd())
-    return numpy_helper.to_array(t)
+    if t.data_location != onnx.TensorProto.EXTERNAL:
+        return numpy_helper.to_array(t)
+    # Read only this tensor's bytes (validated location and bounds), never the whole file.
+    raw = read_external(t, base_dir or os.getcwd())
+    if sys.byteorder == "little" and t.data_type in _FROMBUFFER_TYPES:
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(t.data_type)
+        return np.frombuffer(raw, dtype=dtype).reshape(tuple(t.dims))
+    proxy = onnx.TensorProto(name=t.name, data_type=t.data_type, dims=t.dims)
+    proxy.raw_data = raw
+    return numpy_helper.to_array(proxy)
+
+
+_FROMBUFFER_TYPES = {
+    onnx.TensorProto.FLOAT,
+    onnx.TensorProto.DOUBLE,
+    onnx.TensorProto.FLOAT16,
+    onnx.TensorProto.BFLOAT16,
+    onnx.TensorProto.INT8,
+    onnx.TensorProto.UINT8,
+    onnx.TensorProto.INT16,
+    onnx.TensorProto.UINT16,
+    onnx.TensorProto.INT32,
+    onnx.TensorProto.UINT32,
+    onnx.TensorProto.INT64,
+    onnx.TensorProto.UINT64,
+    onnx.TensorProto.BOOL,
+}
 
 
 def infer_value_types(model: onnx.ModelProto, max_inline: int = 1024) -> dict[str, onnx.TypeProto]:

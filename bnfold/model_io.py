@@ -16,11 +16,15 @@ appended to, and a data file that the input still uses is never touched.
 from __future__ import annotations
 
 import os
+import queue
+import stat
 import tempfile
+import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
 
+import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
 from onnx import TensorProto
@@ -35,10 +39,19 @@ _CHUNK = 16 << 20
 # Location of the data-less stand-ins used to check a model's structure in memory:
 # onnx's checker does not look for files whose location starts with '#'.
 _STUB_LOCATION = "#bnfold-stub"
-# Sub-byte element types: elements per byte.
-_PACKED = {
-    **{getattr(TensorProto, n): 2 for n in ("INT4", "UINT4", "FLOAT4E2M1") if hasattr(TensorProto, n)},
-    **{getattr(TensorProto, n): 4 for n in ("INT2", "UINT2") if hasattr(TensorProto, n)},
+# Sub-byte element types: bits per element (packed in raw data).
+_PACKED_BITS = {
+    getattr(TensorProto, n): bits
+    for n, bits in (
+        ("INT4", 4),
+        ("UINT4", 4),
+        ("FLOAT4E2M1", 4),
+        ("INT2", 2),
+        ("UINT2", 2),
+        ("FLOAT6E2M3", 6),
+        ("FLOAT6E3M2", 6),
+    )
+    if hasattr(TensorProto, n)
 }
 
 
@@ -95,9 +108,9 @@ def tensor_nbytes(t: TensorProto) -> int | None:
     n = 1
     for d in t.dims:
         n *= int(d)
-    per = _PACKED.get(t.data_type)
-    if per:
-        return -(-n // per)
+    bits = _PACKED_BITS.get(t.data_type)
+    if bits:
+        return -(-n * bits // 8)
     if t.data_type in (TensorProto.STRING, TensorProto.UNDEFINED):
         return None
     try:
@@ -132,18 +145,25 @@ def external_ref(t: TensorProto, base_dir: str) -> ExternalRef:
     what = f"tensor '{t.name}'"
     if not loc:
         raise ModelLoadError(f"{what} is stored externally but has no location")
+    sink = _SINKS.get(loc)
+    if sink is not None:
+        return ExternalRef(sink.tmp, loc, int(e["offset"]), int(e["length"]))
     parts = loc.replace("\\", "/").split("/")
     if os.path.isabs(loc) or loc.startswith(("/", "\\")) or ".." in parts or (len(loc) > 1 and loc[1] == ":"):
         raise ModelLoadError(f"{what}: external data location '{loc}' must be a relative path inside the model folder")
     path = os.path.join(base_dir, *[p for p in parts if p not in ("", ".")])
-    if not os.path.isfile(path):
+    try:
+        st = os.stat(path)
+    except OSError:
+        st = None
+    if st is None or not stat.S_ISREG(st.st_mode):
         raise ModelLoadError(f"{what}: external data file '{loc}' does not exist or is not a regular file")
     try:
         offset = int(e.get("offset", 0) or 0)
         length = int(e["length"]) if e.get("length") not in (None, "") else None
     except ValueError:
         raise ModelLoadError(f"{what}: external data offset/length are not integers") from None
-    size = os.path.getsize(path)
+    size = st.st_size
     if offset < 0 or (length is not None and length < 0):
         raise ModelLoadError(f"{what}: negative external data offset or length")
     if length is None:
@@ -169,10 +189,147 @@ def external_data_files(model: onnx.ModelProto, base_dir: str) -> set[str]:
 
 def read_external(t: TensorProto, base_dir: str) -> bytes:
     """The bytes of one external tensor (validated location and bounds)."""
+    sink = _SINKS.get(_entries(t).get("location", ""))
+    if isinstance(sink, DataSink):
+        sink.wait()
     ref = external_ref(t, base_dir)
     with open(ref.path, "rb") as f:
         f.seek(ref.offset)
         return f.read(ref.length)
+
+
+# ---------------------------------------------------------------------------
+# The data sink: folded tensors go straight to the output's data file
+# ---------------------------------------------------------------------------
+
+_SINKS: dict[str, DataSink | _Moved] = {}
+
+
+class DataSink:
+    """A fresh data file in the output folder that folded tensors are written to as they are made.
+
+    When the output will have external data, a fold hands every new value of at least
+    ``size_threshold`` bytes to :meth:`put`: a background thread writes its bytes to
+    the file (from the numpy buffer, no copy; at most ``max_pending`` bytes wait) while
+    the fold goes on, and the tensor becomes an external reference to it, so folded
+    weights are never held in memory or copied again.  :func:`write_model` appends the
+    other tensors and renames the file to ``<output>.data``.  Use it as a context
+    manager: leaving the block removes the file unless it was written.
+    """
+
+    def __init__(
+        self,
+        output: str,
+        *,
+        size_threshold: int = DEFAULT_SIZE_THRESHOLD,
+        protect: Iterable[str] = (),
+        max_pending: int = 256 << 20,
+    ) -> None:
+        folder = os.path.dirname(os.path.abspath(output))
+        if not os.path.isdir(folder):
+            raise OutputError(f"{output}: output folder {folder} does not exist")
+        self.label = output
+        self.name = _data_file_name(folder, os.path.basename(output), {os.path.realpath(p) for p in protect})
+        self.threshold = size_threshold
+        self.tmp: str | None = _mkstemp(folder, self.name, output)
+        self.marker = f"#bnfold-pending-{os.path.basename(self.tmp)}"
+        self.size = 0
+        self._max_pending = max_pending
+        self._fd: int | None = os.open(self.tmp, os.O_RDWR)
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._cv = threading.Condition()
+        self._pending = 0
+        self._error: OSError | None = None
+        self._thread = threading.Thread(target=self._run, name="bnfold-sink", daemon=True)
+        self._thread.start()
+        _SINKS[self.marker] = self
+
+    def put(self, t: TensorProto, value: np.ndarray, name: str) -> bool:
+        """Write ``value`` for tensor ``t`` (renamed ``name``) when it is big enough; True if taken."""
+        value = np.asarray(value)
+        if self._fd is None or value.nbytes < self.threshold or value.dtype.byteorder == ">":
+            return False
+        try:
+            data_type = onnx.helper.np_dtype_to_tensor_dtype(value.dtype)
+        except (KeyError, TypeError, ValueError):
+            return False
+        if data_type in _PACKED_BITS or data_type in (TensorProto.STRING, TensorProto.UNDEFINED):
+            return False
+        buf = np.ascontiguousarray(value).reshape(-1).view(np.uint8)
+        e = _entries(t) if is_external(t) else {}
+        if e.get("location") == self.marker and int(e["length"]) == buf.nbytes:
+            offset = int(e["offset"])  # a second fold into the same tensor: overwrite in place
+        else:
+            offset = self.size
+            self.size += buf.nbytes
+        with self._cv:
+            while self._pending and self._pending + buf.nbytes > self._max_pending:
+                self._cv.wait()
+            self._pending += buf.nbytes
+        self._queue.put((buf, offset))
+        self._raise()
+        t.Clear()
+        t.name, t.data_type = name, data_type
+        t.dims.extend(value.shape)
+        _set_external(t, self.marker, offset, buf.nbytes)
+        return True
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            buf, offset = item
+            try:
+                if self._error is None and self._fd is not None:
+                    _pwrite_all(self._fd, buf, offset)
+            except OSError as e:
+                self._error = e
+            with self._cv:
+                self._pending -= buf.nbytes
+                self._cv.notify_all()
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            raise OutputError(f"{self.label}: cannot write ({self._error.strerror or self._error})")
+
+    def wait(self) -> None:
+        """Block until every value handed to :meth:`put` is in the file."""
+        with self._cv:
+            while self._pending:
+                self._cv.wait()
+        self._raise()
+
+    def close(self) -> None:
+        """Finish writing (the file stays until :meth:`discard` or :func:`write_model` takes it)."""
+        if self._fd is None:
+            return
+        try:
+            self.wait()
+        finally:
+            self._queue.put(None)
+            self._thread.join()
+            os.close(self._fd)
+            self._fd = None
+
+    def discard(self) -> None:
+        """Remove the file (unless :func:`write_model` already renamed it into place)."""
+        try:
+            self.close()
+        finally:
+            _SINKS.pop(self.marker, None)
+            if self.tmp is not None:
+                try:
+                    os.unlink(self.tmp)
+                except OSError:
+                    pass
+                self.tmp = None
+
+    def __enter__(self) -> DataSink:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.discard()
 
 
 # ---------------------------------------------------------------------------
@@ -396,6 +553,7 @@ def write_model(
     protect: Iterable[str] = (),
     check: bool = False,
     full_check: bool = True,
+    sink: DataSink | None = None,
 ) -> WriteResult:
     """Write ``model`` to ``path`` atomically, with its data embedded or in one external data file.
 
@@ -415,6 +573,8 @@ def write_model(
         check: run the onnx checker before the output takes its final name (by path when
             the output has external data, on the skeleton in memory otherwise).
         full_check: with ``check``, also run the checker's shape inference.
+        sink: the :class:`DataSink` the fold wrote tensors to; with external data its file
+            becomes the output's data file (other tensors are appended to it).
 
     Returns:
         A :class:`WriteResult`.
@@ -443,22 +603,27 @@ def write_model(
             "(drop --no-external-data)"
         )
 
+    if sink is not None:
+        sink.close()  # every folded value is in its file
     tmps: list[str] = []
-    committed_data: str | None = None
+    committed: list[str] = []
+    syncing: _Background | None = None
     try:
         data_path = None
         if external:
-            data_name = _data_file_name(folder, os.path.basename(path), protected)
-            data_tmp = _mkstemp(folder, data_name, path)
+            data_name, data_tmp, start = _take_data_file(model, sink, folder, path, protected, src_dir)
             tmps.append(data_tmp)
-            written = _write_external(model, src_dir, data_tmp, data_name, size_threshold)
-            if written:
+            if _write_external(model, src_dir, data_tmp, data_name, size_threshold, start):
                 data_path = os.path.join(folder, data_name)
+                # The data must be on disk before the model takes its name; sync it meanwhile.
+                syncing = _Background(_fsync_path, data_tmp)
             else:
                 os.unlink(data_tmp)
                 tmps.remove(data_tmp)
         else:
             _embed_external(model, src_dir)
+        if sink is not None:
+            sink.discard()
         if check and data_path is None:
             check_model(model, path, full=full_check)
         model_tmp = _mkstemp(folder, os.path.basename(path), path)
@@ -468,18 +633,22 @@ def write_model(
             f.flush()
             os.fsync(f.fileno())
         if data_path is not None:
-            os.replace(tmps[0], data_path)
-            tmps.pop(0)
-            committed_data = data_path
+            os.replace(data_tmp, data_path)
+            tmps.remove(data_tmp)
+            committed.append(data_path)
             size += os.path.getsize(data_path)
             if check:
                 check_model_path(model_tmp, path, full=full_check)
+            if syncing is not None:
+                syncing.result()
         os.replace(model_tmp, path)
         tmps.remove(model_tmp)
-        committed_data = None
+        committed.clear()
         _fsync_dir(folder)
     except BaseException as e:
-        for t in [*tmps, *([committed_data] if committed_data else [])]:
+        if syncing is not None:
+            syncing.join()
+        for t in [*tmps, *committed]:
             try:
                 os.unlink(t)
             except OSError:
@@ -505,13 +674,82 @@ def save_model(
     ).size
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_umask()
+
+
 def _mkstemp(folder: str, name: str, label: str) -> str:
+    """A new empty file in ``folder`` (hidden temp name) with the mode a new file gets."""
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
     except OSError as e:
         raise OutputError(f"{label}: cannot write ({e.strerror or e})") from e
+    try:
+        os.fchmod(fd, _FILE_MODE)  # mkstemp makes 0600 files
+    except OSError:
+        pass
     os.close(fd)
     return tmp
+
+
+def _take_data_file(
+    model: onnx.ModelProto, sink: DataSink | None, folder: str, path: str, protected: set[str], src_dir: str
+) -> tuple[str, str, int]:
+    """The data file to write: the sink's (kept bytes up to ``start``) when every byte of it
+    is still used, else a fresh one.  Returns ``(name, temp path, start)``."""
+    if sink is not None and sink.tmp is not None and _sink_is_packed(model, sink, src_dir):
+        name, tmp, start = sink.name, sink.tmp, sink.size
+        sink.tmp = None  # the file is write_model's now: renamed or removed by it
+        _SINKS[sink.marker] = _Moved(tmp)
+        return name, tmp, start
+    name = _data_file_name(folder, os.path.basename(path), protected)
+    return name, _mkstemp(folder, name, path), 0
+
+
+class _Background:
+    """Run ``fn(*args)`` in a thread; :meth:`result` joins and re-raises its error."""
+
+    def __init__(self, fn, *args: object) -> None:
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(fn, args), daemon=True)
+        self._thread.start()
+
+    def _run(self, fn, args: tuple) -> None:
+        try:
+            fn(*args)
+        except BaseException as e:
+            self._error = e
+
+    def join(self) -> None:
+        self._thread.join()
+
+    def result(self) -> None:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+
+def _fsync_path(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _pwrite_all(fd: int, buf: np.ndarray, offset: int) -> None:
+    view = memoryview(buf)
+    done = 0
+    while done < len(view):
+        n = os.pwrite(fd, view[done : done + (1 << 30)], offset + done)
+        if n <= 0:
+            raise OSError("short write")
+        done += n
 
 
 def _fsync_dir(folder: str) -> None:
@@ -569,16 +807,40 @@ def _copy_range(src: BinaryIO, dst: BinaryIO, offset: int, length: int) -> None:
         done += len(chunk)
 
 
-def _write_external(model: onnx.ModelProto, src_dir: str, data_tmp: str, data_name: str, threshold: int) -> bool:
+class _Moved:
+    """A sink whose file :func:`write_model` has taken over (its tensors are still read from it)."""
+
+    def __init__(self, tmp: str) -> None:
+        self.tmp = tmp
+
+
+def _sink_is_packed(model: onnx.ModelProto, sink: DataSink, src_dir: str) -> bool:
+    """True when every byte of the sink's file belongs to a tensor of the model (no dead values)."""
+    live = 0
+    for t, _ in model_tensors(model):
+        if is_external(t) and _entries(t).get("location") == sink.marker:
+            live += external_ref(t, src_dir).length
+    return live == sink.size
+
+
+def _write_external(
+    model: onnx.ModelProto, src_dir: str, data_tmp: str, data_name: str, threshold: int, start: int = 0
+) -> bool:
     """Move every external tensor and every embedded initializer of at least ``threshold`` bytes
-    into ``data_tmp`` (external tensors are copied in chunks, never loaded); point them at
-    ``data_name``.  Returns True when the data file holds any tensor."""
+    into ``data_tmp`` after its first ``start`` bytes (external tensors are copied in chunks,
+    never loaded); point them at ``data_name``.  Tensors already in ``data_tmp`` (a sink's
+    file taken over) only change location.  Returns True when the data file holds any tensor."""
     sources: dict[str, BinaryIO] = {}
-    any_external = False
+    any_external = start > 0
     try:
         with open(data_tmp, "r+b") as out:
+            out.seek(start)
+            out.truncate()
             for t, is_init in model_tensors(model):
-                if is_external(t):
+                if is_external(t) and _entries(t).get("location") in _SINKS and _in_file(t, data_tmp):
+                    e = _entries(t)
+                    _set_external(t, data_name, int(e["offset"]), int(e["length"]))
+                elif is_external(t):
                     ref = external_ref(t, src_dir)
                     src = sources.get(ref.path)
                     if src is None:
@@ -598,11 +860,17 @@ def _write_external(model: onnx.ModelProto, src_dir: str, data_tmp: str, data_na
                     del raw
                     any_external = True
             out.flush()
-            os.fsync(out.fileno())
     finally:
         for f in sources.values():
             f.close()
+        for k in [k for k, v in _SINKS.items() if isinstance(v, _Moved) and v.tmp == data_tmp]:
+            del _SINKS[k]  # its tensors now point at the data file's final name
     return any_external
+
+
+def _in_file(t: TensorProto, path: str) -> bool:
+    sink = _SINKS.get(_entries(t).get("location", ""))
+    return sink is not None and sink.tmp == path
 
 
 def _embed_external(model: onnx.ModelProto, src_dir: str) -> None:
@@ -732,6 +1000,7 @@ def _first_line(e: BaseException) -> str:
 __all__ = [
     "DEFAULT_SIZE_THRESHOLD",
     "MAX_PROTOBUF",
+    "DataSink",
     "ExternalRef",
     "WriteResult",
     "check_model",
