@@ -16,8 +16,8 @@ from .model_io import (
     DEFAULT_SIZE_THRESHOLD,
     DataSink,
     external_data_files,
-    has_external_data,
     load_model,
+    plan_layout,
     write_model,
 )
 
@@ -88,8 +88,7 @@ def fold(
         m = load_model(model)
         in_files = external_data_files(m, base_dir)
         in_size = os.path.getsize(model) + sum(os.path.getsize(p) for p in in_files)
-        if external_data is None and has_external_data(m):
-            external_data = True
+        external_data, auto_external = plan_layout(m, base_dir, external_data)
         # With external data, folded weights go straight to the output's data file.
         sink = DataSink(output, size_threshold=size_threshold, protect=in_files) if external_data else None
         with sink or contextlib.nullcontext():
@@ -111,7 +110,7 @@ def fold(
         return
     for line in result.report.summary_lines():
         click.echo(line)
-    if written.auto_external:
+    if auto_external or written.auto_external:
         click.echo("the model is over 2 GB (protobuf's limit): writing it with external data")
     click.echo(f"size: {in_size} -> {written.size} bytes")
     if written.data_path:

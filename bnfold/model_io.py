@@ -543,6 +543,28 @@ def embedded_size(model: onnx.ModelProto, base_dir: str) -> int:
     return size + 256 * len(model.graph.node) + 4096
 
 
+def plan_layout(model: onnx.ModelProto, base_dir: str, external: bool | None = None) -> tuple[bool, bool]:
+    """Decide how the output stores its tensors, before folding: ``(external, automatic)``.
+
+    ``external`` None keeps the model's layout (external when any tensor is) and picks
+    external data when the model is over protobuf's 2 GB limit (``automatic`` True).
+
+    Raises:
+        OutputError: ``external`` is False but the model cannot be embedded (over 2 GB).
+    """
+    if external is None:
+        if has_external_data(model):
+            return True, False
+        if embedded_size(model, base_dir) > MAX_PROTOBUF:
+            return True, True
+        return False, False
+    if not external and embedded_size(model, base_dir) > MAX_PROTOBUF:
+        raise OutputError(
+            "the model is over 2 GB, protobuf's limit for one file: it needs external data (drop --no-external-data)"
+        )
+    return external, False
+
+
 def write_model(
     model: onnx.ModelProto,
     path: str,
@@ -1011,6 +1033,7 @@ __all__ = [
     "load_model",
     "model_files_size",
     "model_tensors",
+    "plan_layout",
     "read_external",
     "save_model",
     "skeleton",
