@@ -513,18 +513,6 @@ class WriteResult:
     auto_external: bool  # switched to external data because the model is over 2 GB
 
 
-def model_files_size(path: str) -> int:
-    """Bytes of a model file plus the external data files it uses."""
-    size = os.path.getsize(path)
-    try:
-        m = onnx.load(path, load_external_data=False)
-        base = os.path.dirname(os.path.abspath(path))
-        size += sum(os.path.getsize(p) for p in external_data_files(m, base))
-    except Exception:
-        pass
-    return size
-
-
 def embedded_size(model: onnx.ModelProto, base_dir: str) -> int:
     """Approximate size of the model serialized with every tensor embedded."""
     size = 0
@@ -1031,7 +1019,6 @@ __all__ = [
     "external_ref",
     "has_external_data",
     "load_model",
-    "model_files_size",
     "model_tensors",
     "plan_layout",
     "read_external",
