@@ -153,6 +153,9 @@ class GraphView:
                 return None
             return self.outer.constant(name)
         if node.op_type == "Constant":
+            for a in node.attribute:
+                if a.name == "value" and a.t.data_location == onnx.TensorProto.EXTERNAL:
+                    return tensor_value(a.t, self.ctx.base_dir)  # saved with convert_attribute=True
             return constants.evaluate(node, [], self.ctx.opset)
         if node.op_type not in constants.EVALUATORS or list(node.output).index(name) != 0:
             return None

@@ -440,3 +440,28 @@ def test_skeleton_check_catches_short_raw_data() -> None:
     with pytest.raises(ModelLoadError, match=r"conv2\.w"):
         model_io.check_model(m, "m")
     model_io.check_model(cnn(), "m", full=True)
+
+
+def test_constant_node_values_in_external_data(tmp_path) -> None:
+    """BN parameters held by Constant nodes whose tensors were saved externally (convert_attribute)."""
+    m = cnn()
+    keep = []
+    for t in m.graph.initializer:
+        if t.name.startswith("bn1."):
+            m.graph.node.insert(0, helper.make_node("Constant", [], [t.name], value=t))
+        else:
+            keep.append(t)
+    del m.graph.initializer[:]
+    m.graph.initializer.extend(keep)
+    src = str(tmp_path / "model.onnx")
+    save_external(m, src, convert_attribute=True)
+    assert any(
+        model_io.is_external(n.attribute[0].t)
+        for n in onnx.load(src, load_external_data=False).graph.node
+        if n.op_type == "Constant"
+    )
+    out = str(tmp_path / "folded.onnx")
+    r = run_cli("fold", src, "-o", out, "--no-verify")
+    assert r.returncode == 0, r.stderr
+    assert "2 found, 2 folded" in r.stdout
+    assert_same_run(src, out)
