@@ -712,7 +712,12 @@ def _take_data_file(
 ) -> tuple[str, str, int]:
     """The data file to write: the sink's (kept bytes up to ``start``) when every byte of it
     is still used, else a fresh one.  Returns ``(name, temp path, start)``."""
-    if sink is not None and sink.tmp is not None and _sink_is_packed(model, sink, src_dir):
+    if (
+        sink is not None
+        and sink.tmp is not None
+        and os.path.dirname(sink.tmp) == folder
+        and _sink_is_packed(model, sink, src_dir)
+    ):
         name, tmp, start = sink.name, sink.tmp, sink.size
         sink.tmp = None  # the file is write_model's now: renamed or removed by it
         _SINKS[sink.marker] = _Moved(tmp)
