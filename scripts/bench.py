@@ -12,8 +12,9 @@ Built models (seeded, real random weights; ``--models`` picks some, default all)
 Any other ``--models`` argument is a path to an existing ``.onnx`` file.
 
 Every tool runs as a command-line subprocess (imports included) with the same
-interpreter; wall time is the best of ``--repeat`` interleaved runs (the machine
-may be shared), peak RSS the largest ``ru_maxrss`` of that child (``os.wait4``):
+interpreter, started from a small wrapper process; wall time is the best of
+``--repeat`` interleaved runs (the machine may be shared), peak RSS the largest
+``ru_maxrss`` of the tool's process:
 
   I/O floor      ``onnx.load`` + ``onnx.save`` (with external data into one file when the input has it)
   bnfold         ``python -m bnfold fold --no-verify``
@@ -22,8 +23,9 @@ may be shared), peak RSS the largest ``ru_maxrss`` of that child (``os.wait4``):
   onnxslim       ``onnxslim IN OUT``
 
 Peers that are not installed are skipped with a note.  Latency is onnxruntime's
-(CPU) best-of-N run time of the original and of bnfold's output at
-``ORT_DISABLE_ALL`` and ``ORT_ENABLE_ALL``.  One markdown table is printed.
+(CPU) best run time of the original and of bnfold's output at ``ORT_DISABLE_ALL``
+and ``ORT_ENABLE_ALL``, both sessions in one process with their runs interleaved.
+One markdown table is printed.
 """
 
 from __future__ import annotations
@@ -36,7 +38,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -189,6 +190,19 @@ BUILT = ["resnet50-w0.25", "resnet50", "resnet50-ext", "convnet-2g3"]
 # Running tools
 # ---------------------------------------------------------------------------
 
+# Runs one command and reports its wall time and peak RSS.  It is a fresh, small process,
+# so the child's ru_maxrss is its own (a child forked from the big bench process would
+# start with the bench's RSS: ru_maxrss survives exec).
+WRAP = """
+import json, resource, subprocess, sys, time
+t = time.perf_counter()
+p = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+wall = time.perf_counter() - t
+rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+tail = (p.stderr.decode(errors="replace").strip().splitlines() or [""])[-1][:120]
+print(json.dumps({"wall": wall, "rss": rss, "code": p.returncode, "tail": tail}))
+"""
+
 FLOOR = """
 import os, sys, onnx
 src, dst, ext = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
@@ -203,21 +217,23 @@ else:
 LATENCY = """
 import json, sys, time
 import numpy as np, onnxruntime as ort
-path, level, budget = sys.argv[1], sys.argv[2], float(sys.argv[3])
+level, budget, paths = sys.argv[1], float(sys.argv[2]), sys.argv[3:]
 so = ort.SessionOptions()
 so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
 so.log_severity_level = 3
-s = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+sessions = [ort.InferenceSession(p, so, providers=["CPUExecutionProvider"]) for p in paths]
 rng = np.random.default_rng(0)
 types = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
 feeds = {i.name: rng.standard_normal([d if isinstance(d, int) else 1 for d in i.shape]).astype(types[i.type])
-         for i in s.get_inputs()}
-for _ in range(2):
+         for i in sessions[0].get_inputs()}
+for s in sessions:
     s.run(None, feeds)
-times, start = [], time.perf_counter()
-while len(times) < 3 or (time.perf_counter() - start < budget and len(times) < 50):
-    t = time.perf_counter(); s.run(None, feeds); times.append(time.perf_counter() - t)
-print(json.dumps({"min": min(times), "median": sorted(times)[len(times) // 2], "runs": len(times)}))
+    s.run(None, feeds)
+times, start = [[] for _ in sessions], time.perf_counter()
+while len(times[0]) < 5 or (time.perf_counter() - start < budget and len(times[0]) < 100):
+    for s, ts in zip(sessions, times):  # interleaved: both see the same machine load
+        t = time.perf_counter(); s.run(None, feeds); ts.append(time.perf_counter() - t)
+print(json.dumps([min(ts) for ts in times]))
 """
 
 
@@ -267,25 +283,16 @@ def command(tool: str, src: str, dst: str, external: bool) -> list[str]:
 def run_once(cmd: list[str], timeout: float) -> tuple[float, int, int, str]:
     """Run ``cmd``; return wall seconds, peak RSS in bytes, exit status and the end of its stderr."""
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    with tempfile.TemporaryFile() as err:
-        start = time.perf_counter()
-        p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=env)
-        deadline = start + timeout
-        while True:
-            pid, status, usage = os.wait4(p.pid, os.WNOHANG)
-            if pid:
-                break
-            if time.perf_counter() > deadline:
-                p.kill()
-                pid, status, usage = os.wait4(p.pid, 0)
-                p.returncode = -9
-                return time.perf_counter() - start, usage.ru_maxrss * 1024, -9, "timeout"
-            time.sleep(0.005)
-        wall = time.perf_counter() - start
-        p.returncode = os.waitstatus_to_exitcode(status)
-        err.seek(0)
-        tail = err.read().decode(errors="replace").strip().splitlines()[-1:] or [""]
-    return wall, usage.ru_maxrss * 1024, p.returncode, tail[0][:120]
+    try:
+        out = subprocess.run(
+            [sys.executable, "-c", WRAP, *cmd], capture_output=True, text=True, env=env, timeout=timeout, check=False
+        )
+        r = json.loads(out.stdout)
+    except subprocess.TimeoutExpired:
+        return timeout, 0, -9, "timeout"
+    except ValueError:
+        return 0.0, 0, -1, (out.stderr.strip().splitlines() or ["no output"])[-1][:120]
+    return r["wall"], r["rss"], r["code"], r["tail"]
 
 
 def files_size(path: str) -> int:
@@ -302,13 +309,14 @@ def files_size(path: str) -> int:
     return os.path.getsize(path) + sum(os.path.getsize(os.path.join(folder, loc)) for loc in locs)
 
 
-def latency(path: str, level: str, budget: float) -> float:
+def latency(paths: list[str], level: str, budget: float) -> list[float]:
+    """Best run time of each model, the runs of all models interleaved in one process."""
     out = subprocess.run(
-        [sys.executable, "-c", LATENCY, path, level, str(budget)], capture_output=True, text=True, check=False
+        [sys.executable, "-c", LATENCY, level, str(budget), *paths], capture_output=True, text=True, check=False
     )
     if out.returncode:
-        return float("nan")
-    return json.loads(out.stdout)["min"]
+        return [float("nan")] * len(paths)
+    return json.loads(out.stdout)
 
 
 def bench_model(label: str, path: str, tools: list[str], repeat: int, timeout: float, budget: float) -> Row:
@@ -341,8 +349,8 @@ def bench_model(label: str, path: str, tools: list[str], repeat: int, timeout: f
     folded = os.path.join(outs, "bnfold", "model.onnx")
     if os.path.exists(folded):
         for level in ("ORT_DISABLE_ALL", "ORT_ENABLE_ALL"):
-            for which, p in (("original", path), ("folded", folded)):
-                row.latency[f"{level}/{which}"] = latency(p, level, budget)
+            orig, fold = latency([path, folded], level, budget)
+            row.latency[f"{level}/original"], row.latency[f"{level}/folded"] = orig, fold
     shutil.rmtree(outs, ignore_errors=True)
     return row
 
