@@ -514,21 +514,14 @@ class WriteResult:
 
 
 def embedded_size(model: onnx.ModelProto, base_dir: str) -> int:
-    """Approximate size of the model serialized with every tensor embedded."""
-    size = 0
-    ext = []
+    """Upper estimate of the model's size with every tensor embedded (nothing is serialized)."""
+    size = 4096 + 256 * len(model.graph.node)
     for t, _ in model_tensors(model):
         if is_external(t):
-            ext.append(t)
-    for t in ext:
-        size += external_ref(t, base_dir).length + 16
-    # The proto itself: only cheap when big tensors are external; otherwise estimate from
-    # the raw tensor sizes instead of serializing.
-    for t, _ in model_tensors(model):
-        if not is_external(t):
-            n = tensor_nbytes(t)
-            size += (n or 0) + 64
-    return size + 256 * len(model.graph.node) + 4096
+            size += external_ref(t, base_dir).length + 64
+        else:
+            size += (tensor_nbytes(t) or 0) + 64
+    return size
 
 
 def plan_layout(model: onnx.ModelProto, base_dir: str, external: bool | None = None) -> tuple[bool, bool]:
