@@ -240,6 +240,7 @@ class DataSink:
         self._cv = threading.Condition()
         self._pending = 0
         self._error: OSError | None = None
+        self._unsynced, self._sync_every = 0, 32 << 20
         self._thread = threading.Thread(target=self._run, name="bnfold-sink", daemon=True)
         self._thread.start()
         _SINKS[self.marker] = self
@@ -283,6 +284,11 @@ class DataSink:
             try:
                 if self._error is None and self._fd is not None:
                     _pwrite_all(self._fd, buf, offset)
+                    # Flush to disk as we go (this thread only), so the final fsync has little left.
+                    self._unsynced += buf.nbytes
+                    if self._unsynced >= self._sync_every:
+                        os.fdatasync(self._fd)
+                        self._unsynced = 0
             except OSError as e:
                 self._error = e
             with self._cv:
