@@ -20,7 +20,7 @@ import queue
 import stat
 import tempfile
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -563,6 +563,7 @@ def write_model(
     check: bool = False,
     full_check: bool = True,
     sink: DataSink | None = None,
+    before_commit: Callable[[str], None] | None = None,
 ) -> WriteResult:
     """Write ``model`` to ``path`` atomically, with its data embedded or in one external data file.
 
@@ -581,6 +582,9 @@ def write_model(
             when the default data file name is one of them, ``<output>.1.data`` (and so on) is used.
         check: run the onnx checker before the output takes its final name (by path when
             the output has external data, on the skeleton in memory otherwise).
+        before_commit: called with the path of the complete model, written under a temporary
+            name in the output folder (its data file already in place), before it takes its
+            final name: e.g. to run it in onnxruntime by path.  If it raises, nothing is left.
         full_check: with ``check``, also run the checker's shape inference.
         sink: the :class:`DataSink` the fold wrote tensors to; with external data its file
             becomes the output's data file (other tensors are appended to it).
@@ -650,6 +654,8 @@ def write_model(
                 check_model_path(model_tmp, path, full=full_check)
             if syncing is not None:
                 syncing.result()
+        if before_commit is not None:
+            before_commit(model_tmp)
         os.replace(model_tmp, path)
         tmps.remove(model_tmp)
         committed.clear()

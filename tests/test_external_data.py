@@ -465,3 +465,25 @@ def test_constant_node_values_in_external_data(tmp_path) -> None:
     assert r.returncode == 0, r.stderr
     assert "2 found, 2 folded" in r.stdout
     assert_same_run(src, out)
+
+
+def test_before_commit_sees_the_complete_model_and_can_veto(ext_model: str, tmp_path) -> None:
+    base = os.path.dirname(ext_model)
+    seen = []
+
+    def look(tmp: str) -> None:
+        seen.append(tmp)
+        assert os.path.dirname(tmp) == str(tmp_path)
+        assert_same_run(ext_model, tmp)  # runnable by path, data file in place
+
+    out = str(tmp_path / "ok.onnx")
+    model_io.write_model(model_io.load_model(ext_model), out, base_dir=base, before_commit=look)
+    assert len(seen) == 1 and not os.path.exists(seen[0]) and os.path.exists(out)
+
+    def veto(tmp: str) -> None:
+        raise OutputError("outputs differ")
+
+    bad = str(tmp_path / "bad.onnx")
+    with pytest.raises(OutputError, match="outputs differ"):
+        model_io.write_model(model_io.load_model(ext_model), bad, base_dir=base, before_commit=veto)
+    assert sorted(os.listdir(tmp_path)) == ["in", "ok.onnx", "ok.onnx.data"]
