@@ -133,8 +133,10 @@ def _entries(t: TensorProto) -> dict[str, str]:
     return {e.key: e.value for e in t.external_data}
 
 
-def external_ref(t: TensorProto, base_dir: str) -> ExternalRef:
+def external_ref(t: TensorProto, base_dir: str, stats: dict[str, os.stat_result] | None = None) -> ExternalRef:
     """Resolve and validate an external tensor's location (relative, inside ``base_dir``, in bounds).
+
+    ``stats`` caches the data files' ``os.stat`` across the tensors of one pass over a model.
 
     Raises:
         ModelLoadError: the location is missing, absolute, escapes ``base_dir``, is not a
@@ -152,10 +154,14 @@ def external_ref(t: TensorProto, base_dir: str) -> ExternalRef:
     if os.path.isabs(loc) or loc.startswith(("/", "\\")) or ".." in parts or (len(loc) > 1 and loc[1] == ":"):
         raise ModelLoadError(f"{what}: external data location '{loc}' must be a relative path inside the model folder")
     path = os.path.join(base_dir, *[p for p in parts if p not in ("", ".")])
-    try:
-        st = os.stat(path)
-    except OSError:
-        st = None
+    st = stats.get(path) if stats is not None else None
+    if st is None:
+        try:
+            st = os.stat(path)
+        except OSError:
+            st = None
+        if st is not None and stats is not None:
+            stats[path] = st
     if st is None or not stat.S_ISREG(st.st_mode):
         raise ModelLoadError(f"{what}: external data file '{loc}' does not exist or is not a regular file")
     try:
@@ -180,11 +186,11 @@ def external_ref(t: TensorProto, base_dir: str) -> ExternalRef:
 
 def external_data_files(model: onnx.ModelProto, base_dir: str) -> set[str]:
     """Real paths of the data files a model's external tensors point at (relative to ``base_dir``)."""
-    files = set()
+    files, stats = set(), {}
     for t, _ in model_tensors(model):
         if is_external(t):
-            files.add(os.path.realpath(external_ref(t, base_dir).path))
-    return files
+            files.add(external_ref(t, base_dir, stats).path)
+    return {os.path.realpath(f) for f in files}
 
 
 def read_external(t: TensorProto, base_dir: str) -> bytes:
@@ -366,9 +372,10 @@ def load_model(path: str, *, check: bool = True) -> onnx.ModelProto:
         raise ModelLoadError(f"{path}: not an ONNX model (no graph or IR version)")
     base_dir = os.path.dirname(os.path.abspath(path))
     try:
+        stats: dict[str, os.stat_result] = {}
         for t, _ in model_tensors(model):
             if is_external(t):
-                external_ref(t, base_dir)
+                external_ref(t, base_dir, stats)
     except ModelLoadError as e:
         raise ModelLoadError(f"{path}: cannot read external data: {e}") from e
     if check:
@@ -521,10 +528,10 @@ class WriteResult:
 
 def embedded_size(model: onnx.ModelProto, base_dir: str) -> int:
     """Upper estimate of the model's size with every tensor embedded (nothing is serialized)."""
-    size = 4096 + 256 * len(model.graph.node)
+    size, stats = 4096 + 256 * len(model.graph.node), {}
     for t, _ in model_tensors(model):
         if is_external(t):
-            size += external_ref(t, base_dir).length + 64
+            size += external_ref(t, base_dir, stats).length + 64
         else:
             size += (tensor_nbytes(t) or 0) + 64
     return size
@@ -839,7 +846,7 @@ def _sink_is_packed(model: onnx.ModelProto, sink: DataSink, src_dir: str) -> boo
     live = 0
     for t, _ in model_tensors(model):
         if is_external(t) and _entries(t).get("location") == sink.marker:
-            live += external_ref(t, src_dir).length
+            live += int(_entries(t)["length"])
     return live == sink.size
 
 
@@ -851,6 +858,7 @@ def _write_external(
     never loaded); point them at ``data_name``.  Tensors already in ``data_tmp`` (a sink's
     file taken over) only change location.  Returns True when the data file holds any tensor."""
     sources: dict[str, BinaryIO] = {}
+    stats: dict[str, os.stat_result] = {}
     any_external = start > 0
     try:
         with open(data_tmp, "r+b") as out:
@@ -861,7 +869,7 @@ def _write_external(
                     e = _entries(t)
                     _set_external(t, data_name, int(e["offset"]), int(e["length"]))
                 elif is_external(t):
-                    ref = external_ref(t, src_dir)
+                    ref = external_ref(t, src_dir, stats)
                     src = sources.get(ref.path)
                     if src is None:
                         src = sources[ref.path] = open(ref.path, "rb")
