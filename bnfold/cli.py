@@ -21,6 +21,7 @@ import click
 from . import __version__, json_report
 from .cli_options import fold_verify_options, verify_options, verify_options_from
 from .errors import EXIT_CODE_TABLE, ExitCode
+from .model_io import DEFAULT_SIZE_THRESHOLD
 from .runner import FoldOptions, ModelOutcome, check_job, fold_job, verify_job, worst
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -213,6 +214,7 @@ def describe(o: ModelOutcome, command: str) -> list[str]:
         lines.append(
             f"  nodes {r['nodes_before']} -> {r['nodes_after']}, size {_size(o.size_before)} -> {_size(o.size_after)}"
         )
+    lines += [f"  {n}" for n in o.notes]
     lines += o.verification_lines
     for s in [*r["skips"], *r.get("affine_left", [])]:
         where = "" if s["graph"] == "main" else f" (in {s['graph']})"
@@ -288,6 +290,21 @@ def finish(
 @click.option("-o", "--output", type=click.Path(), help="Output file, or folder for several inputs.")
 @click.option("--in-place", is_flag=True, help="Replace each input (atomically, after verification passed).")
 @click.option("-f", "--force", is_flag=True, help="Overwrite existing outputs.")
+@click.option(
+    "--external-data/--no-external-data",
+    "external_data",
+    default=None,
+    help="Write tensors to one data file named after the output (OUTPUT.data), or embed them all. "
+    "Default: the input's layout; external data when the model is over 2 GB.",
+)
+@click.option(
+    "--size-threshold",
+    type=click.IntRange(min=0),
+    default=DEFAULT_SIZE_THRESHOLD,
+    show_default=True,
+    metavar="BYTES",
+    help="With external data: smallest tensor that goes to the data file.",
+)
 @fold_verify_options
 @model_options
 @report_options
@@ -296,6 +313,8 @@ def fold(
     output: str | None,
     in_place: bool,
     force: bool,
+    external_data: bool | None,
+    size_threshold: int,
     no_verify: bool,
     keep_safe: bool,
     jobs: int,
@@ -326,6 +345,8 @@ def fold(
         verify=not no_verify,
         verify_options=verify_options_from(verify_kw),
         keep_safe=keep_safe,
+        external_data=external_data,
+        size_threshold=size_threshold,
         force=force,
         in_place=in_place,
         debug=debug,

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import onnx
 
 from .graph import GraphView, ModelContext, all_names, infer_value_types, subgraphs
+from .model_io import DataSink
 from .patterns import (
     CONSUMER_FOLDS,
     PRODUCER_FOLDS,
@@ -61,6 +62,7 @@ def fold_model(
     base_dir: str | None = None,
     copy: bool = True,
     only: Selector | Collection[str] | None = None,
+    sink: DataSink | None = None,
 ) -> FoldResult:
     """Fold every foldable BatchNormalization (and per-channel Mul/Add/Sub/Div) in ``model``.
 
@@ -73,6 +75,8 @@ def fold_model(
         only: fold only these affine nodes: a predicate ``(name, graph_path) -> bool``
             or a collection of display names (``Fold.node``); the others are left,
             BNs with reason ``excluded``.  None folds everything.
+        sink: a :class:`bnfold.model_io.DataSink`: big folded values are written to it
+            at once instead of into the model (for outputs with external data).
 
     Returns:
         A :class:`FoldResult` with the new model and a :class:`FoldReport`.
@@ -94,6 +98,7 @@ def fold_model(
         freeze_initializer_inputs=freeze_initializer_inputs,
         value_types=infer_value_types(out),
         used_names=all_names(out.graph),
+        sink=sink,
     )
     report = FoldReport(bn_count=count_nodes(out.graph, "BatchNormalization"), nodes_before=count_nodes(out.graph))
     _fold_graph(out.graph, ctx, None, "main", report, _selector(only))

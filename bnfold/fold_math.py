@@ -39,6 +39,30 @@ def _bias(b: np.ndarray | None, n: int) -> np.ndarray:
     return np.zeros(n, dtype=F64) if b is None else np.asarray(b, dtype=F64).reshape(n)
 
 
+_NATIVE_FLOATS = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+
+
+def _scaled(w: np.ndarray, factor: np.ndarray) -> np.ndarray:
+    """``float64(w) * factor`` in one pass (no float64 copy of ``w`` first: the ufunc casts in chunks)."""
+    w = np.asarray(w)
+    if w.dtype in _NATIVE_FLOATS:
+        return np.multiply(w, factor, dtype=F64)
+    return np.asarray(w, dtype=F64) * factor
+
+
+def _scaled_rows(w: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """``float64(w) * v`` where ``v`` has the leading shape of ``w`` (``[n]`` or ``[n, m]``).
+
+    Flattening the trailing axes first keeps numpy's casting loop on long contiguous rows.
+    """
+    w = np.asarray(w)
+    v = np.asarray(v, dtype=F64)
+    if w.dtype not in _NATIVE_FLOATS or w.size == 0:
+        return np.asarray(w, dtype=F64) * _expand(v, w.ndim)
+    rows = w.reshape((*v.shape, -1))
+    return np.multiply(rows, v[..., None], dtype=F64).reshape(w.shape)
+
+
 def _expand(v: np.ndarray, ndim: int) -> np.ndarray:
     """Shape a per-slice vector ``[n]`` (or ``[n, m]``) to broadcast over trailing axes."""
     return v.reshape(v.shape + (1,) * (ndim - v.ndim))
@@ -49,9 +73,9 @@ def fold_conv(w: np.ndarray, b: np.ndarray | None, s: np.ndarray, t: np.ndarray)
 
     The group does not matter: axis 0 of a Conv weight is always the output channel.
     """
-    w = np.asarray(w, dtype=F64)
+    w = np.asarray(w)
     cout = w.shape[0]
-    return w * _expand(s, w.ndim), s * _bias(b, cout) + t
+    return _scaled_rows(w, s), s * _bias(b, cout) + t
 
 
 def conv_transpose_channels(cin: int, cout_per_group: int, group: int) -> np.ndarray:
@@ -65,10 +89,10 @@ def fold_conv_transpose(
     w: np.ndarray, b: np.ndarray | None, s: np.ndarray, t: np.ndarray, group: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """Affine after ConvTranspose: ``W[Cin, Cout/g, k...]``, channel ``(i//(Cin/g))*(Cout/g)+j``."""
-    w = np.asarray(w, dtype=F64)
+    w = np.asarray(w)
     cin, cpg = w.shape[0], w.shape[1]
-    scale = s[conv_transpose_channels(cin, cpg, group)]
-    return w * _expand(scale, w.ndim), s * _bias(b, cpg * group) + t
+    scale = np.asarray(s, dtype=F64)[conv_transpose_channels(cin, cpg, group)]
+    return _scaled_rows(w, scale), s * _bias(b, cpg * group) + t
 
 
 def fold_gemm(
@@ -84,8 +108,8 @@ def fold_gemm(
     The returned ``C`` goes with ``beta = 1``; ``alpha`` is unchanged.  ``C`` keeps
     its broadcast shape when that already covers ``[N]`` (``[M, N]`` stays ``[M, N]``).
     """
-    b_mat = np.asarray(b_mat, dtype=F64)
-    b_new = b_mat * (s[:, None] if trans_b else s[None, :])
+    s = np.asarray(s, dtype=F64)
+    b_new = _scaled_rows(b_mat, s) if trans_b else _scaled(b_mat, s[None, :])
     if c is None:
         return b_new, t.copy()
     c64 = F64(beta) * np.asarray(c, dtype=F64)
@@ -94,10 +118,10 @@ def fold_gemm(
 
 def fold_matmul(w: np.ndarray, bias: np.ndarray | None, s: np.ndarray, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Affine after ``MatMul(x, W[K, N])`` (and optional ``Add(bias)``) on a 2-D output."""
-    w = np.asarray(w, dtype=F64)
+    s = np.asarray(s, dtype=F64)
     if bias is None:
-        return w * s[None, :], t.copy()
-    return w * s[None, :], s * np.asarray(bias, dtype=F64) + t
+        return _scaled(w, s[None, :]), t.copy()
+    return _scaled(w, s[None, :]), s * np.asarray(bias, dtype=F64) + t
 
 
 def conv_input_channels(cout: int, cin_per_group: int, group: int) -> np.ndarray:
@@ -138,6 +162,18 @@ def dtype_max(dtype: np.dtype) -> float:
 def round_to(x: np.ndarray, dtype: np.dtype, what: str = "value") -> np.ndarray:
     """Round float64 ``x`` once to ``dtype``; raise :class:`FoldValueError` when it cannot hold it."""
     x = np.asarray(x, dtype=F64)
+    dtype = np.dtype(dtype)
+    if dtype in _NATIVE_FLOATS and x.size:
+        # Fast path: round first, then look only at the rounded extremes.  Every value is
+        # finite and within the limit exactly when the rounded ones lie strictly inside
+        # (-max, max) (NaN and inf propagate, anything beyond max rounds to max or inf);
+        # otherwise the exact checks below decide.
+        limit = dtype_max(dtype)
+        with np.errstate(over="ignore", invalid="ignore"):
+            out = x.astype(dtype)
+            hi, lo = float(out.max()), float(out.min())
+        if -limit < lo and hi < limit:
+            return out
     if not np.all(np.isfinite(x)):
         raise FoldValueError("non_finite", f"folded {what} is not finite")
     limit = dtype_max(np.dtype(dtype))

@@ -6,7 +6,9 @@ Structural edits (removing and inserting nodes) are queued and applied once by
 
 from __future__ import annotations
 
+import math
 import os
+import sys
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -16,6 +18,7 @@ import onnx
 from onnx import numpy_helper
 
 from . import constants
+from .model_io import DataSink, read_external
 
 _MISSING = object()
 
@@ -50,6 +53,7 @@ class ModelContext:
     freeze_initializer_inputs: bool = False
     value_types: dict[str, onnx.TypeProto] = field(default_factory=dict)
     used_names: set[str] = field(default_factory=set)
+    sink: DataSink | None = None  # where big folded values go when the output has external data
 
     def fresh_name(self, base: str) -> str:
         """A tensor name not used anywhere in the model."""
@@ -167,6 +171,9 @@ class GraphView:
                 return None
             return self.outer.constant(name)
         if node.op_type == "Constant":
+            for a in node.attribute:
+                if a.name == "value" and a.t.data_location == onnx.TensorProto.EXTERNAL:
+                    return tensor_value(a.t, self.ctx.base_dir)  # saved with convert_attribute=True
             return constants.evaluate(node, [], self.ctx.opset)
         if node.op_type not in constants.EVALUATORS or list(node.output).index(name) != 0:
             return None
@@ -264,10 +271,13 @@ class GraphView:
     def add_constant(self, base: str, value: np.ndarray) -> str:
         """Add a new initializer with a fresh name; return the name."""
         name = self.ctx.fresh_name(base)
-        t = numpy_helper.from_array(value, name)
+        t = onnx.TensorProto()
+        set_tensor_value(t, value, name, self.ctx.sink)
         self.new_initializers.append(t)
         self.initializers[name] = t
-        self._cache[name] = value
+        # Not cached: the proto holds the value; a second numpy copy of every folded
+        # weight would double the memory a fold needs.  A later read decodes it again.
+        self._cache.pop(name, None)
         return name
 
     def replace_constant(self, name: str, value: np.ndarray, base: str, reader: onnx.NodeProto) -> str:
@@ -282,8 +292,8 @@ class GraphView:
         # constant): overwrite it in place too, so names and input order stay.
         listed_by_convention = self.ctx.ir_version < 4
         if t is not None and self.only_consumer(name, reader) and (name not in self.inputs or listed_by_convention):
-            t.CopyFrom(numpy_helper.from_array(value, name))
-            self._cache[name] = value
+            set_tensor_value(t, value, name, self.ctx.sink)
+            self._cache.pop(name, None)  # not cached: see add_constant
             if name in self.inputs:
                 self._retype_input(name, t)
             return name
@@ -375,11 +385,64 @@ class GraphView:
                     del self.graph.value_info[i]
 
 
+def set_tensor_value(t: onnx.TensorProto, value: np.ndarray, name: str, sink: DataSink | None = None) -> None:
+    """Make ``t`` the tensor ``name`` holding ``value`` (replacing any external reference).
+
+    With a ``sink``, a big value is written to the sink's data file and ``t`` refers to
+    it; otherwise ``t`` embeds it: the same result as
+    ``t.CopyFrom(numpy_helper.from_array(value, name))``, with one copy of the data fewer
+    for the common little-endian float types.
+    """
+    value = np.asarray(value)
+    if sink is not None and sink.put(t, value, name):
+        return
+    dtype = _SIMPLE_DTYPES.get(value.dtype)
+    if dtype is None or value.dtype.byteorder == ">":
+        t.CopyFrom(numpy_helper.from_array(value, name))
+        return
+    t.Clear()
+    t.name = name
+    t.data_type = dtype
+    t.dims.extend(value.shape)
+    t.raw_data = np.ascontiguousarray(value).tobytes()
+
+
+_SIMPLE_DTYPES = {
+    np.dtype(np.float16): onnx.TensorProto.FLOAT16,
+    np.dtype(np.float32): onnx.TensorProto.FLOAT,
+    np.dtype(np.float64): onnx.TensorProto.DOUBLE,
+}
+
+
 def tensor_value(t: onnx.TensorProto, base_dir: str | None) -> np.ndarray:
     """numpy value of an initializer, reading external data from ``base_dir`` when needed."""
-    if t.data_location == onnx.TensorProto.EXTERNAL:
-        return numpy_helper.to_array(t, base_dir or os.getcwd())
-    return numpy_helper.to_array(t)
+    if t.data_location != onnx.TensorProto.EXTERNAL:
+        return numpy_helper.to_array(t)
+    # Read only this tensor's bytes (validated location and bounds), never the whole file.
+    raw = read_external(t, base_dir or os.getcwd())
+    if sys.byteorder == "little" and t.data_type in _FROMBUFFER_TYPES:
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(t.data_type)
+        return np.frombuffer(raw, dtype=dtype).reshape(tuple(t.dims))
+    proxy = onnx.TensorProto(name=t.name, data_type=t.data_type, dims=t.dims)
+    proxy.raw_data = raw
+    return numpy_helper.to_array(proxy)
+
+
+_FROMBUFFER_TYPES = {
+    onnx.TensorProto.FLOAT,
+    onnx.TensorProto.DOUBLE,
+    onnx.TensorProto.FLOAT16,
+    onnx.TensorProto.BFLOAT16,
+    onnx.TensorProto.INT8,
+    onnx.TensorProto.UINT8,
+    onnx.TensorProto.INT16,
+    onnx.TensorProto.UINT16,
+    onnx.TensorProto.INT32,
+    onnx.TensorProto.UINT32,
+    onnx.TensorProto.INT64,
+    onnx.TensorProto.UINT64,
+    onnx.TensorProto.BOOL,
+}
 
 
 def infer_value_types(model: onnx.ModelProto, max_inline: int = 1024) -> dict[str, onnx.TypeProto]:
@@ -400,7 +463,7 @@ def infer_value_types(model: onnx.ModelProto, max_inline: int = 1024) -> dict[st
     g.value_info.extend(src.value_info)
     listed = {i.name for i in src.input}
     for t in src.initializer:
-        small = t.data_location != onnx.TensorProto.EXTERNAL and int(np.prod(t.dims)) <= max_inline
+        small = t.data_location != onnx.TensorProto.EXTERNAL and math.prod(t.dims) <= max_inline
         if small:
             g.initializer.append(t)
         elif t.name not in listed:

@@ -51,6 +51,7 @@ _MODEL = {
         "skips": {"type": "array", "items": _SKIP},
         "affine_left": {"type": "array", "items": _SKIP},
         "verification": {"type": ["object", "null"]},
+        "notes": {"type": "array", "items": {"type": "string"}},
         "timings": {"type": "object"},
     },
 }  # fmt: skip

@@ -8,6 +8,8 @@ top-level and their arguments picklable, for ``--jobs N`` process pools.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 import time
 import traceback
@@ -15,9 +17,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .blame import verify_fold
-from .engine import fold_model
+from .engine import FoldResult, fold_model
 from .errors import BnfoldError, ExitCode, ModelLoadError, NotVerifiableError, OutputError, VerificationError
-from .model_io import check_model, load_model, save_model
+from .model_io import (
+    DEFAULT_SIZE_THRESHOLD,
+    DataSink,
+    check_model,
+    external_data_files,
+    load_model,
+    plan_layout,
+    write_model,
+)
 from .verify import VerifyOptions, verify_models
 
 STATUS = {
@@ -61,6 +71,8 @@ class FoldOptions:
     verify: bool = True
     verify_options: VerifyOptions = field(default_factory=VerifyOptions)
     keep_safe: bool = False
+    external_data: bool | None = None  # None keeps the input's layout
+    size_threshold: int = DEFAULT_SIZE_THRESHOLD
     force: bool = False
     in_place: bool = False
     debug: bool = False
@@ -81,6 +93,7 @@ class ModelOutcome:
     timings: dict[str, float] = field(default_factory=dict)
     traceback: str | None = None
     verification_lines: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def status(self) -> str:
@@ -99,30 +112,15 @@ class ModelOutcome:
         }
         d.update(self.report or {"bn_found": None, "bn_folded": None, "bn_left": None, "folds": [], "skips": []})
         d["verification"] = self.verification
+        d["notes"] = list(self.notes)
         d["timings"] = {k: round(v, 4) for k, v in self.timings.items()}
         return d
 
 
-def model_size(path: str) -> int:
-    """Bytes of a model file plus the external data files next to it that it names."""
-    import onnx
-
-    total = os.path.getsize(path)
-    try:
-        m = onnx.load(path, load_external_data=False)
-    except Exception:  # noqa: BLE001 - size is informational
-        return total
-    folder = os.path.dirname(os.path.abspath(path))
-    seen = set()
-    for t in onnx.external_data_helper._get_all_tensors(m):
-        if t.data_location == onnx.TensorProto.EXTERNAL:
-            for e in t.external_data:
-                if e.key == "location" and e.value not in seen:
-                    seen.add(e.value)
-                    p = os.path.join(folder, e.value)
-                    if os.path.isfile(p):
-                        total += os.path.getsize(p)
-    return total
+def disk_size(path: str, model: Any) -> int:
+    """Bytes of a model file plus the external data files it names."""
+    base_dir = os.path.dirname(os.path.abspath(path))
+    return os.path.getsize(path) + sum(os.path.getsize(f) for f in external_data_files(model, base_dir))
 
 
 def reject_invalid_bn(path: str, report: dict[str, Any]) -> None:
@@ -177,33 +175,56 @@ def same_file(a: str, b: str) -> bool:
 
 
 def fold_job(path: str, output: str, opts: FoldOptions) -> ModelOutcome:
-    """Fold one model into ``output``; never raises."""
+    """Fold one model into ``output``, verify it, write it atomically; never raises."""
     outcome = ModelOutcome(input=path, output=output)
     clock = _Clock(outcome)
     try:
         if same_file(path, output) and not opts.in_place:
             raise OutputError(f"{output}: output is the input file; use --in-place to replace it")
+        base_dir = os.path.dirname(os.path.abspath(path))
+        model = load_model(path)
+        in_files = external_data_files(model, base_dir)
+        if os.path.realpath(output) in in_files:
+            raise OutputError(f"{output}: is a data file of the input model; choose another output name")
         if os.path.exists(output) and not opts.force and not opts.in_place:
             raise OutputError(f"{output}: already exists; use --force to overwrite it")
-        model = load_model(path)
-        outcome.size_before = model_size(path)
+        outcome.size_before = disk_size(path, model)
+        external, auto = plan_layout(model, base_dir, opts.external_data)
+        if auto:
+            outcome.notes.append("the model is over 2 GB (protobuf's limit): writing it with external data")
         clock.lap("load")
-        result = fold_model(
-            model,
-            freeze_initializer_inputs=opts.freeze_initializer_inputs,
-            base_dir=os.path.dirname(os.path.abspath(path)),
-            copy=False,
-        )
-        outcome.report = result.report.to_dict()
-        reject_invalid_bn(path, outcome.report)
-        clock.lap("fold")
-        check_output(result.model, path, output)
-        clock.lap("check")
-        if opts.verify:
-            result = verify_result(path, result, opts, outcome)
-            clock.lap("verify")
-        save_model(result.model, output)
-        outcome.size_after = model_size(output)
+        # With external data, folded weights go straight to the output's data file.
+        sink = DataSink(output, size_threshold=opts.size_threshold, protect=in_files) if external else None
+        with sink or contextlib.nullcontext():
+            result = fold_model(
+                model,
+                freeze_initializer_inputs=opts.freeze_initializer_inputs,
+                base_dir=base_dir,
+                copy=False,
+                sink=sink,
+            )
+            outcome.report = result.report.to_dict()
+            reject_invalid_bn(path, outcome.report)
+            clock.lap("fold")
+            check_output(result.model, path, output)
+            clock.lap("check")
+            write = functools.partial(
+                write_model,
+                path=output,
+                base_dir=base_dir,
+                external=external,
+                size_threshold=opts.size_threshold,
+                protect=in_files,
+            )
+            hook = _verify_hook(path, result, opts, outcome) if opts.verify else None
+            try:
+                written = write(result.model, sink=sink, before_commit=hook)
+            except _WriteSafeInstead as safe:
+                # Verification failed, but the model without the blamed folds passed.
+                written = write(safe.result.model)
+        outcome.size_after = written.size
+        if written.data_path:
+            outcome.notes.append(f"external data: {os.path.basename(written.data_path)}")
         clock.lap("write")
     except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 - every failure becomes data
         _guard(outcome, opts.debug, e)
@@ -211,28 +232,44 @@ def fold_job(path: str, output: str, opts: FoldOptions) -> ModelOutcome:
     return outcome
 
 
-def verify_result(path: str, result: Any, opts: FoldOptions, outcome: ModelOutcome) -> Any:
-    """Verify a fold against the model file; return what may be written, or raise."""
-    try:
-        checked = verify_fold(
-            path,
-            result,
-            opts.verify_options,
-            keep_safe=opts.keep_safe,
-            base_dir=os.path.dirname(os.path.abspath(path)),
-            freeze_initializer_inputs=opts.freeze_initializer_inputs,
-        )
-    except NotVerifiableError as e:
-        raise type(e)(f"{path}: {e}; skip verification with --no-verify") from e
-    outcome.verification = checked.to_dict()
-    outcome.verification_lines = checked.summary_lines()
-    if not checked.ok:
-        rep = checked.report
-        what = rep.error or f"{len(rep.failing)} of {len(rep.rows)} output(s) differ beyond tolerance"
-        hint = "" if opts.keep_safe else " (--keep-safe writes the model without the blamed folds)"
-        raise VerificationError(f"{path}: verification failed: {what}; nothing written{hint}")
-    outcome.report = checked.result.report.to_dict()
-    return checked.result
+class _WriteSafeInstead(Exception):
+    """Raised from the verification hook: write this (verified) result instead."""
+
+    def __init__(self, result: Any) -> None:
+        super().__init__("write the model without the blamed folds")
+        self.result = result
+
+
+def _verify_hook(path: str, result: FoldResult, opts: FoldOptions, outcome: ModelOutcome):
+    """A ``before_commit`` hook: verify the written temp model (by path) against ``path``."""
+
+    def hook(candidate: str) -> None:
+        started = time.perf_counter()
+        try:
+            checked = verify_fold(
+                path,
+                FoldResult(candidate, result.report),  # type: ignore[arg-type] - a path is a model source
+                opts.verify_options,
+                keep_safe=opts.keep_safe,
+                base_dir=os.path.dirname(os.path.abspath(path)),
+                freeze_initializer_inputs=opts.freeze_initializer_inputs,
+            )
+        except NotVerifiableError as e:
+            raise type(e)(f"{path}: {e}; skip verification with --no-verify") from e
+        finally:
+            outcome.timings["verify"] = time.perf_counter() - started
+        outcome.verification = checked.to_dict()
+        outcome.verification_lines = checked.summary_lines()
+        if checked.kept_safe:
+            outcome.report = checked.result.report.to_dict()
+            raise _WriteSafeInstead(checked.result)
+        if not checked.ok:
+            rep = checked.report
+            what = rep.error or f"{len(rep.failing)} of {len(rep.rows)} output(s) differ beyond tolerance"
+            hint = "" if opts.keep_safe else " (--keep-safe writes the model without the blamed folds)"
+            raise VerificationError(f"{path}: verification failed: {what}; nothing written{hint}")
+
+    return hook
 
 
 def verify_job(reference: str, candidate: str, options: VerifyOptions, debug: bool = False) -> ModelOutcome:
@@ -240,9 +277,8 @@ def verify_job(reference: str, candidate: str, options: VerifyOptions, debug: bo
     outcome = ModelOutcome(input=reference, output=candidate)
     clock = _Clock(outcome)
     try:
-        for p in (reference, candidate):
-            load_model(p)
-        outcome.size_before, outcome.size_after = model_size(reference), model_size(candidate)
+        ref, cand = load_model(reference), load_model(candidate)
+        outcome.size_before, outcome.size_after = disk_size(reference, ref), disk_size(candidate, cand)
         clock.lap("load")
         rep = verify_models(reference, candidate, options)
         clock.lap("verify")
@@ -263,7 +299,7 @@ def check_job(path: str, opts: FoldOptions) -> ModelOutcome:
     clock = _Clock(outcome)
     try:
         model = load_model(path)
-        outcome.size_before = model_size(path)
+        outcome.size_before = disk_size(path, model)
         clock.lap("load")
         result = fold_model(
             model,

@@ -151,6 +151,8 @@ def check_tensors(model: onnx.ModelProto, label: str) -> None:
             continue
         n = int(np.prod(t.dims, dtype=np.float64)) if t.dims else 1
         if t.HasField("raw_data"):
+            if t.data_type == onnx.TensorProto.STRING:
+                raise ModelLoadError(f"{what} is a string tensor with raw data")
             need = _expected_bytes(t)
             if need is not None and len(t.raw_data) != need:
                 raise ModelLoadError(
@@ -160,5 +162,5 @@ def check_tensors(model: onnx.ModelProto, label: str) -> None:
         held = max(len(getattr(t, f)) for f in _TYPED_FIELDS)
         if t.data_type in (onnx.TensorProto.COMPLEX64, onnx.TensorProto.COMPLEX128):
             held //= 2
-        if held and held != n and t.data_type not in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4):
+        if held != n and t.data_type not in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4):
             raise ModelLoadError(f"{what} holds {held} values for shape {list(t.dims)} ({n} needed)")
