@@ -105,6 +105,11 @@ def test_fold_model_over_2gb(tmp_path) -> None:
         assert not any(n.op_type == "BatchNormalization" for n in folded.graph.node)
         assert all(model_io.is_external(t) for t in folded.graph.initializer if t.name.startswith("w"))
 
+        # bnfold's own verification runs both models by path (nothing serialized).
+        r = run_cli("verify", src, out)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "verify: passed" in r.stdout
+
         # onnxruntime by path, graph optimizations off: same outputs.
         feeds = {"x": np.random.default_rng(1).standard_normal((1, C, 1, 1)).astype(np.float32)}
         expected = run(src, feeds)[0]
