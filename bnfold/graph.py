@@ -53,6 +53,10 @@ class ModelContext:
     freeze_initializer_inputs: bool = False
     value_types: dict[str, onnx.TypeProto] = field(default_factory=dict)
     used_names: set[str] = field(default_factory=set)
+    # Unrounded float64 values of tensors a fold wrote while a chain of folds goes on
+    # (Conv -> BN -> Mul -> Add): the next fold starts from them, so each weight is
+    # rounded once, at the end of its chain.
+    exact: dict[str, np.ndarray] = field(default_factory=dict)
     sink: DataSink | None = None  # where big folded values go when the output has external data
 
     def fresh_name(self, base: str) -> str:

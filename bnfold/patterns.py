@@ -267,12 +267,43 @@ def rounded(x: np.ndarray, dtype: np.dtype, what: str) -> np.ndarray:
         raise Rejected(reason, str(e)) from None
 
 
-def write_input(view: GraphView, node: onnx.NodeProto, index: int, value: np.ndarray, base: str) -> None:
-    """Give ``node`` a new constant at ``index`` (private copy when shared)."""
+def write_input(
+    view: GraphView, node: onnx.NodeProto, index: int, value: np.ndarray, base: str, exact: np.ndarray | None = None
+) -> None:
+    """Give ``node`` a new constant at ``index`` (private copy when shared).
+
+    ``exact`` is the float64 value before rounding, kept while a chain of folds goes
+    on (see :func:`exact_input`), so a chain rounds each weight once, at its end.
+    """
     old = node.input[index] if len(node.input) > index else ""
     name = view.replace_constant(old, value, base, node) if old else view.add_constant(base, value)
     if name != old:
         view.set_input(node, index, name)
+    if exact is None:
+        view.ctx.exact.pop(name, None)
+    else:
+        view.ctx.exact[name] = exact
+
+
+def exact_input(view: GraphView, node: onnx.NodeProto, index: int, value: np.ndarray | None) -> np.ndarray | None:
+    """The unrounded float64 value of input ``index`` when a previous fold of a chain made it, else ``value``."""
+    if value is None or len(node.input) <= index:
+        return value
+    return view.ctx.exact.get(node.input[index], value)
+
+
+def chain_goes_on(view: GraphView, aff: Affine, after: bool = True) -> bool:
+    """Whether another affine op may fold into the same weights next (keep them unrounded).
+
+    After a producer fold, that is an affine op reading the folded output; after a
+    consumer fold, an affine op making the data the Conv now reads.
+    """
+    if after:
+        users = view.users(aff.node.output[0])
+        nxt = users[0] if len(users) == 1 else None
+    else:
+        nxt = view.producer_of(aff.data)
+    return nxt is not None and nxt.op_type in AFFINE_OPS and nxt.domain in ("", "ai.onnx")
 
 
 def splice_out(view: GraphView, aff: Affine, target: onnx.NodeProto) -> None:
@@ -316,10 +347,11 @@ def into_conv(view: GraphView, aff: Affine, conv: onnx.NodeProto) -> str:
     if w.ndim < 3 or group < 1 or w.shape[0] % group:
         raise Rejected(Reason.SHAPE_MISMATCH, f"Conv weight {list(w.shape)} does not fit group={group}")
     s, t = aff.per_channel(w.shape[0])
-    w2, b2 = fm.fold_conv(w, b, s, t)
-    w2, b2 = rounded(w2, w.dtype, "weight"), rounded(b2, w.dtype, "bias")
-    write_input(view, conv, 1, w2, f"{conv.input[1]}_bnfold")
-    write_input(view, conv, 2, b2, f"{display_name(conv)}_bias_bnfold")
+    w64, b64 = fm.fold_conv(exact_input(view, conv, 1, w), exact_input(view, conv, 2, b), s, t)
+    w2, b2 = rounded(w64, w.dtype, "weight"), rounded(b64, w.dtype, "bias")
+    keep = chain_goes_on(view, aff)
+    write_input(view, conv, 1, w2, f"{conv.input[1]}_bnfold", w64 if keep else None)
+    write_input(view, conv, 2, b2, f"{display_name(conv)}_bias_bnfold", b64 if keep else None)
     splice_out(view, aff, conv)
     return "Conv+" + aff.node.op_type
 
@@ -332,10 +364,11 @@ def into_conv_transpose(view: GraphView, aff: Affine, conv: onnx.NodeProto) -> s
     if w.ndim < 3 or group < 1 or w.shape[0] % group:
         raise Rejected(Reason.SHAPE_MISMATCH, f"ConvTranspose weight {list(w.shape)} does not fit group={group}")
     s, t = aff.per_channel(w.shape[1] * group)
-    w2, b2 = fm.fold_conv_transpose(w, b, s, t, group)
-    w2, b2 = rounded(w2, w.dtype, "weight"), rounded(b2, w.dtype, "bias")
-    write_input(view, conv, 1, w2, f"{conv.input[1]}_bnfold")
-    write_input(view, conv, 2, b2, f"{display_name(conv)}_bias_bnfold")
+    w64, b64 = fm.fold_conv_transpose(exact_input(view, conv, 1, w), exact_input(view, conv, 2, b), s, t, group)
+    w2, b2 = rounded(w64, w.dtype, "weight"), rounded(b64, w.dtype, "bias")
+    keep = chain_goes_on(view, aff)
+    write_input(view, conv, 1, w2, f"{conv.input[1]}_bnfold", w64 if keep else None)
+    write_input(view, conv, 2, b2, f"{display_name(conv)}_bias_bnfold", b64 if keep else None)
     splice_out(view, aff, conv)
     return "ConvTranspose+" + aff.node.op_type
 
@@ -348,10 +381,13 @@ def into_gemm(view: GraphView, aff: Affine, gemm: onnx.NodeProto) -> str:
     if b.ndim != 2:
         raise Rejected(Reason.SHAPE_MISMATCH, f"Gemm B has shape {list(b.shape)}")
     s, t = aff.per_channel(b.shape[0] if trans_b else b.shape[1])
-    b2, c2 = fm.fold_gemm(b, c, s, t, trans_b, attr(gemm, "beta", 1.0))
-    b2, c2 = rounded(b2, b.dtype, "weight"), rounded(c2, b.dtype, "bias")
-    write_input(view, gemm, 1, b2, f"{gemm.input[1]}_bnfold")
-    write_input(view, gemm, 2, c2, f"{display_name(gemm)}_C_bnfold")
+    b64, c64 = fm.fold_gemm(
+        exact_input(view, gemm, 1, b), exact_input(view, gemm, 2, c), s, t, trans_b, attr(gemm, "beta", 1.0)
+    )
+    b2, c2 = rounded(b64, b.dtype, "weight"), rounded(c64, b.dtype, "bias")
+    keep = chain_goes_on(view, aff)
+    write_input(view, gemm, 1, b2, f"{gemm.input[1]}_bnfold", b64 if keep else None)
+    write_input(view, gemm, 2, c2, f"{display_name(gemm)}_C_bnfold", c64 if keep else None)
     set_attr(gemm, "beta", 1.0)
     splice_out(view, aff, gemm)
     return "Gemm+" + aff.node.op_type
@@ -376,10 +412,10 @@ def into_matmul(view: GraphView, aff: Affine, mm: onnx.NodeProto) -> str:
     s, t = aff.per_channel(w.shape[1])
     if not aff.is_bn and np.all(s == 1):
         raise Rejected(Reason.UNSUPPORTED_PRODUCER, "a bias Add after MatMul is already minimal")
-    w2, t2 = fm.fold_matmul(w, None, s, t)
-    w2 = rounded(w2, w.dtype, "weight")
-    t2 = rounded(t2, w.dtype, "bias")
-    write_input(view, mm, 1, w2, f"{mm.input[1]}_bnfold")
+    w64, t64 = fm.fold_matmul(exact_input(view, mm, 1, w), None, s, t)
+    w2 = rounded(w64, w.dtype, "weight")
+    t2 = rounded(t64, w.dtype, "bias")
+    write_input(view, mm, 1, w2, f"{mm.input[1]}_bnfold", w64 if chain_goes_on(view, aff) else None)
     if np.any(t2 != 0):
         # The affine node becomes the bias Add, in its own place in the graph.
         node = aff.node
@@ -421,10 +457,13 @@ def into_matmul_add(view: GraphView, aff: Affine, add: onnx.NodeProto) -> str:
         raise Rejected(Reason.NOT_PER_CHANNEL, f"the MatMul bias has shape {list(bias.shape)}")
     sign = -1.0 if op == "Sub" else 1.0
     s, t = aff.per_channel(n)
-    w2, b2 = fm.fold_matmul(w, sign * np.broadcast_to(bias.reshape(-1), (n,)).astype(np.float64), s, t)
-    w2, b2 = rounded(w2, w.dtype, "weight"), rounded(sign * b2, bias.dtype, "bias")
-    write_input(view, mm, 1, w2, f"{mm.input[1]}_bnfold")
-    write_input(view, add, k, b2, f"{display_name(add)}_bias_bnfold")
+    bias64 = np.broadcast_to(np.asarray(exact_input(view, add, k, bias), np.float64).reshape(-1), (n,))
+    w64, b64 = fm.fold_matmul(exact_input(view, mm, 1, w), sign * bias64, s, t)
+    b64 = sign * b64
+    w2, b2 = rounded(w64, w.dtype, "weight"), rounded(b64, bias.dtype, "bias")
+    keep = chain_goes_on(view, aff)
+    write_input(view, mm, 1, w2, f"{mm.input[1]}_bnfold", w64 if keep else None)
+    write_input(view, add, k, b2, f"{display_name(add)}_bias_bnfold", b64 if keep else None)
     splice_out(view, aff, add)
     return f"MatMul+{op}+{aff.node.op_type}"
 
@@ -436,10 +475,11 @@ def into_bn(view: GraphView, aff: Affine, bn: onnx.NodeProto) -> str:
     read_bn(view, bn)  # the BN itself must be a valid inference BN
     gamma, beta = view.constant(bn.input[1]), view.constant(bn.input[2])
     s, t = aff.per_channel(gamma.shape[0])
-    g2, b2 = fm.fold_into_bn(gamma, beta, s, t)
-    g2, b2 = rounded(g2, gamma.dtype, "scale"), rounded(b2, beta.dtype, "bias")
-    write_input(view, bn, 1, g2, f"{bn.input[1]}_bnfold")
-    write_input(view, bn, 2, b2, f"{bn.input[2]}_bnfold")
+    g64, b64 = fm.fold_into_bn(exact_input(view, bn, 1, gamma), exact_input(view, bn, 2, beta), s, t)
+    g2, b2 = rounded(g64, gamma.dtype, "scale"), rounded(b64, beta.dtype, "bias")
+    keep = chain_goes_on(view, aff)
+    write_input(view, bn, 1, g2, f"{bn.input[1]}_bnfold", g64 if keep else None)
+    write_input(view, bn, 2, b2, f"{bn.input[2]}_bnfold", b64 if keep else None)
     splice_out(view, aff, bn)
     return "BatchNormalization+" + aff.node.op_type
 
@@ -474,8 +514,6 @@ def into_next_conv(view: GraphView, aff: Affine, conv: onnx.NodeProto) -> str:
     w = weight(view, conv)
     b = const_input(view, conv, 2, "bias")
     group = attr(conv, "group", 1)
-    if not conv_pads_nothing(conv):
-        raise Rejected(Reason.PADDED_CONSUMER, f"the following Conv {display_name(conv)} pads its input")
     if w.ndim < 3 or group < 1 or w.shape[0] % group:
         raise Rejected(Reason.SHAPE_MISMATCH, f"Conv weight {list(w.shape)} does not fit group={group}")
     cin = w.shape[1] * group
@@ -484,10 +522,11 @@ def into_next_conv(view: GraphView, aff: Affine, conv: onnx.NodeProto) -> str:
         # the Conv could not read the un-broadcast data.
         raise Rejected(Reason.SHAPE_MISMATCH, f"'{aff.data}' does not have the {cin} channels the Conv reads")
     s, t = aff.per_channel(cin)
-    w2, b2 = fm.fold_into_next_conv(w, b, s, t, group)
-    w2, b2 = rounded(w2, w.dtype, "weight"), rounded(b2, w.dtype, "bias")
-    write_input(view, conv, 1, w2, f"{conv.input[1]}_bnfold")
-    write_input(view, conv, 2, b2, f"{display_name(conv)}_bias_bnfold")
+    w64, b64 = fm.fold_into_next_conv(exact_input(view, conv, 1, w), exact_input(view, conv, 2, b), s, t, group)
+    w2, b2 = rounded(w64, w.dtype, "weight"), rounded(b64, w.dtype, "bias")
+    keep = chain_goes_on(view, aff, after=False)
+    write_input(view, conv, 1, w2, f"{conv.input[1]}_bnfold", w64 if keep else None)
+    write_input(view, conv, 2, b2, f"{display_name(conv)}_bias_bnfold", b64 if keep else None)
     for reader in view.type_only_readers(out):  # same dtype before and after the affine op
         for k, i in enumerate(list(reader.input)):
             if i == out:

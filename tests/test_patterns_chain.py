@@ -523,9 +523,9 @@ def test_float16_chain_folds_in_float16() -> None:
     s = m.astype(f64).reshape(c) / f64(d)
     w_exact = w.astype(f64) * s.reshape(c, 1, 1, 1)
     b_exact = (b.astype(f64) * m.astype(f64).reshape(c) + a.astype(f64).reshape(c)) / f64(d)
-    # Each fold of the chain rounds once to float16: a few half-ulps at most.
-    np.testing.assert_allclose(w2.astype(f64), w_exact, rtol=3 * 2.0**-11, atol=1e-7)
-    np.testing.assert_allclose(b2.astype(f64), b_exact, rtol=3 * 2.0**-11, atol=1e-7)
+    # The chain is composed in float64 and each weight rounded once, at its end.
+    np.testing.assert_array_equal(w2, w_exact.astype(np.float16))
+    np.testing.assert_array_equal(b2, b_exact.astype(np.float16))
 
 
 def test_float16_single_fold_rounds_once() -> None:
@@ -652,3 +652,53 @@ def test_hard_swish_after_conv_is_not_reported() -> None:
     result = fold_checked(model)
     assert result.report.affine_skips == []
     assert result.report.folds == []
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_chain_rounds_each_weight_once(dtype) -> None:
+    """Conv -> BN -> Mul -> Add: the final weight and bias are the float64 composition, rounded once."""
+    from onnx import numpy_helper
+
+    rng = np.random.default_rng(31)
+    c = 6
+    w = (rng.standard_normal((c, 3, 3, 3)) * 0.5).astype(dtype)
+    b = (rng.standard_normal(c) * 0.1).astype(dtype)
+    gamma, beta = rng.uniform(0.5, 1.5, c), rng.normal(0, 0.2, c)
+    mean, var = rng.normal(0, 0.3, c), rng.uniform(0.3, 2.0, c)
+    k, a = rng.uniform(0.3, 3.0, (1, c, 1, 1)), rng.normal(0, 0.5, (1, c, 1, 1))
+    t = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    inits = [
+        numpy_helper.from_array(w, "w"),
+        numpy_helper.from_array(b, "b"),
+        *(
+            numpy_helper.from_array(v.astype(dtype), n)
+            for v, n in [(gamma, "g"), (beta, "be"), (mean, "m"), (var, "v")]
+        ),
+        numpy_helper.from_array(k.astype(dtype), "k"),
+        numpy_helper.from_array(a.astype(dtype), "a"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "w", "b"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node("BatchNormalization", ["c", "g", "be", "m", "v"], ["n"], name="bn"),
+        helper.make_node("Mul", ["n", "k"], ["p"], name="mul"),
+        helper.make_node("Add", ["p", "a"], ["y"], name="add"),
+    ]
+    g = helper.make_graph(
+        nodes, "chain", [helper.make_tensor_value_info("x", t, [1, 3, 5, 5])],
+        [helper.make_tensor_value_info("y", t, [1, c, 5, 5])], inits,
+    )  # fmt: skip
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    result = bnfold.fold_model(model)
+    assert [n.op_type for n in result.model.graph.node] == ["Conv"]
+    # The exact composition, from the stored (already rounded) parameters, in float64.
+    p64 = {n: numpy_helper.to_array(i).astype(np.float64) for i in inits for n in [i.name]}
+    s_bn = p64["g"] / np.sqrt(p64["v"] + np.float64(np.float32(1e-5)))
+    t_bn = p64["be"] - p64["m"] * s_bn
+    s = s_bn * p64["k"].reshape(c)
+    shift = (t_bn * p64["k"].reshape(c)) + p64["a"].reshape(c)
+    want_w = (p64["w"] * s[:, None, None, None]).astype(dtype)
+    want_b = (p64["b"] * s + shift).astype(dtype)
+    conv = result.model.graph.node[0]
+    got = {i.name: numpy_helper.to_array(i) for i in result.model.graph.initializer}
+    np.testing.assert_array_equal(got[conv.input[1]], want_w)
+    np.testing.assert_array_equal(got[conv.input[2]], want_b)
