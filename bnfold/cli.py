@@ -21,8 +21,8 @@ import click
 from . import __version__, json_report
 from .cli_options import fold_verify_options, verify_options, verify_options_from
 from .errors import EXIT_CODE_TABLE, ExitCode
-from .model_io import DEFAULT_SIZE_THRESHOLD
 from .runner import FoldOptions, ModelOutcome, check_job, fold_job, verify_job, worst
+from .writer import DEFAULT_SIZE_THRESHOLD
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 

@@ -8,7 +8,6 @@ from dataclasses import dataclass
 import onnx
 
 from .graph import GraphView, ModelContext, all_names, infer_value_types, subgraphs
-from .model_io import DataSink
 from .patterns import (
     CONSUMER_FOLDS,
     PRODUCER_FOLDS,
@@ -21,7 +20,8 @@ from .patterns import (
     require_private_output,
 )
 from .report import Fold, FoldReport, Reason, Skip
-from .safety import check_tensors
+from .tensors import check_tensors
+from .writer import DataSink
 
 MAX_PASSES = 50
 
@@ -75,7 +75,7 @@ def fold_model(
         only: fold only these affine nodes: a predicate ``(name, graph_path) -> bool``
             or a collection of display names (``Fold.node``); the others are left,
             BNs with reason ``excluded``.  None folds everything.
-        sink: a :class:`bnfold.model_io.DataSink`: big folded values are written to it
+        sink: a :class:`bnfold.writer.DataSink`: big folded values are written to it
             at once instead of into the model (for outputs with external data).
 
     Returns:

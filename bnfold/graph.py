@@ -18,7 +18,8 @@ import onnx
 from onnx import numpy_helper
 
 from . import constants
-from .model_io import DataSink, read_external
+from .tensors import read_external
+from .writer import DataSink
 
 _MISSING = object()
 

@@ -19,16 +19,10 @@ from typing import Any
 from .blame import verify_fold
 from .engine import FoldResult, fold_model
 from .errors import BnfoldError, ExitCode, ModelLoadError, NotVerifiableError, OutputError, VerificationError
-from .model_io import (
-    DEFAULT_SIZE_THRESHOLD,
-    DataSink,
-    check_model,
-    external_data_files,
-    load_model,
-    plan_layout,
-    write_model,
-)
+from .model_io import check_model, load_model
+from .tensors import external_data_files
 from .verify import VerifyOptions, verify_models
+from .writer import DEFAULT_SIZE_THRESHOLD, DataSink, plan_layout, write_model
 
 STATUS = {
     ExitCode.OK: "ok",

@@ -14,7 +14,7 @@ from helpers import assert_close, op_count, random_feeds, run, run_cli
 from onnx import TensorProto, helper, numpy_helper
 
 import bnfold
-from bnfold import graph, model_io
+from bnfold import graph, model_io, tensors, writer
 from bnfold.errors import ModelLoadError, OutputError
 
 RNG = np.random.default_rng(7)
@@ -115,8 +115,8 @@ def external_locations(path: str) -> dict[str, str]:
     m = onnx.load(path, load_external_data=False)
     return {
         t.name: {e.key: e.value for e in t.external_data}["location"]
-        for t, _ in model_io.model_tensors(m)
-        if model_io.is_external(t)
+        for t, _ in tensors.model_tensors(m)
+        if tensors.is_external(t)
     }
 
 
@@ -130,8 +130,8 @@ def assert_data_file_exact(path: str) -> None:
     """The output's one data file holds exactly its tensors, back to back from offset 0 (nothing stale)."""
     m = onnx.load(path, load_external_data=False)
     regions = []
-    for t, _ in model_io.model_tensors(m):
-        if model_io.is_external(t):
+    for t, _ in tensors.model_tensors(m):
+        if tensors.is_external(t):
             e = {x.key: x.value for x in t.external_data}
             regions.append((int(e["offset"]), int(e["length"])))
     regions.sort()
@@ -214,8 +214,8 @@ def test_embedded_stays_embedded_and_external_data_flag(tmp_path) -> None:
     assert r.returncode == 0, r.stderr
     m = onnx.load(out2, load_external_data=False)
     for t in m.graph.initializer:
-        nbytes = model_io.tensor_nbytes(t)
-        assert model_io.is_external(t) == (nbytes >= 2000), (t.name, nbytes)
+        nbytes = tensors.tensor_nbytes(t)
+        assert tensors.is_external(t) == (nbytes >= 2000), (t.name, nbytes)
     assert set(external_locations(out2).values()) == {"b.onnx.data"}
     assert_data_file_exact(out2)
     assert_same_run(src, out2)
@@ -279,12 +279,12 @@ def test_output_onto_an_input_data_file_is_refused(ext_model: str) -> None:
         ({"location": "../escape.bin"}, "leaves the model's folder"),
         ({"location": "missing.bin"}, "missing"),
         ({"location": "model.onnx.data", "offset": "999999999"}, "too short"),
-        ({"location": "model.onnx.data", "length": "4"}, "its shape needs"),
+        ({"location": "model.onnx.data", "length": "4"}, "too short for its shape"),
     ],
 )
 def test_bad_external_references_are_clear_load_errors(ext_model: str, entries: dict, message: str) -> None:
     m = onnx.load(ext_model, load_external_data=False)
-    t = next(t for t in m.graph.initializer if model_io.is_external(t))
+    t = next(t for t in m.graph.initializer if tensors.is_external(t))
     old = {e.key: e.value for e in t.external_data}
     del t.external_data[:]
     for k, v in {**old, **entries}.items():
@@ -336,7 +336,7 @@ def test_fold_reads_only_the_tensors_it_changes(tmp_path, monkeypatch) -> None:
     assert set(reads) == expected
     assert len(reads) == len(expected), "each tensor is read once"
     plain = {t.name: t for t in m.graph.initializer}
-    assert model_io.is_external(plain["plain.w"]) and model_io.is_external(plain["plain.b"])
+    assert tensors.is_external(plain["plain.w"]) and tensors.is_external(plain["plain.b"])
 
 
 def test_untouched_data_file_is_never_read_by_the_fold(tmp_path) -> None:
@@ -352,22 +352,22 @@ def test_untouched_data_file_is_never_read_by_the_fold(tmp_path) -> None:
     assert result.report.bn_folded == 2
     out = str(tmp_path / "out" / "folded.onnx")
     os.makedirs(os.path.dirname(out))
-    model_io.write_model(result.model, out, base_dir=str(tmp_path), external=True, size_threshold=64, check=True)
+    writer.write_model(result.model, out, base_dir=str(tmp_path), external=True, size_threshold=64, check=True)
     assert_same_run(src, out)
 
 
 def test_write_streams_external_tensors_without_loading_them(ext_model: str, tmp_path, monkeypatch) -> None:
     m = model_io.load_model(ext_model)
-    monkeypatch.setattr(model_io, "_CHUNK", 100)  # many small chunks
+    monkeypatch.setattr(writer, "_CHUNK", 100)  # many small chunks
     monkeypatch.delattr(os, "copy_file_range", raising=False)
 
     def no_load(*a: object) -> None:
         raise AssertionError("an external tensor was loaded whole")
 
-    monkeypatch.setattr(model_io, "read_external", no_load)
+    monkeypatch.setattr(writer, "read_external", no_load)
     out = str(tmp_path / "copy.onnx")
     base = os.path.dirname(ext_model)
-    model_io.write_model(m, out, base_dir=base, size_threshold=64, check=True)
+    writer.write_model(m, out, base_dir=base, size_threshold=64, check=True)
     assert_data_file_exact(out)
     assert_same_run(ext_model, out)
 
@@ -376,12 +376,12 @@ def test_data_sink_receives_folded_weights(ext_model: str, tmp_path) -> None:
     base = os.path.dirname(ext_model)
     m = model_io.load_model(ext_model)
     out = str(tmp_path / "sunk.onnx")
-    with model_io.DataSink(out, size_threshold=64) as sink:
+    with writer.DataSink(out, size_threshold=64) as sink:
         result = bnfold.fold_model(m, base_dir=base, copy=False, sink=sink)
         w = {t.name: t for t in result.model.graph.initializer}["conv2.w"]
-        assert model_io.is_external(w), "a folded weight goes to the sink, not into the model"
+        assert tensors.is_external(w), "a folded weight goes to the sink, not into the model"
         assert graph.tensor_value(w, base).shape == (16, 16, 3, 3)
-        written = model_io.write_model(result.model, out, base_dir=base, external=True, size_threshold=64, sink=sink)
+        written = writer.write_model(result.model, out, base_dir=base, external=True, size_threshold=64, sink=sink)
     assert written.data_path == out + ".data"
     assert sorted(os.listdir(tmp_path)) == ["in", "sunk.onnx", "sunk.onnx.data"]
     assert_data_file_exact(out)
@@ -390,7 +390,7 @@ def test_data_sink_receives_folded_weights(ext_model: str, tmp_path) -> None:
 
 def test_data_sink_is_removed_when_the_fold_fails(tmp_path) -> None:
     out = str(tmp_path / "x.onnx")
-    with pytest.raises(RuntimeError), model_io.DataSink(out, size_threshold=0) as sink:
+    with pytest.raises(RuntimeError), writer.DataSink(out, size_threshold=0) as sink:
         sink.put(onnx.TensorProto(), np.ones(1000, np.float32), "w")
         raise RuntimeError("boom")
     assert os.listdir(tmp_path) == []
@@ -403,10 +403,10 @@ def test_failed_write_leaves_nothing(ext_model: str, tmp_path, monkeypatch) -> N
         f.write(b"partial")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(model_io, "write_proto", broken)
+    monkeypatch.setattr(writer, "write_proto", broken)
     os.makedirs(tmp_path / "out")
     with pytest.raises(OutputError, match="No space left"):
-        model_io.write_model(m, str(tmp_path / "out" / "f.onnx"), base_dir=os.path.dirname(ext_model))
+        writer.write_model(m, str(tmp_path / "out" / "f.onnx"), base_dir=os.path.dirname(ext_model))
     assert os.listdir(tmp_path / "out") == []
 
 
@@ -416,12 +416,12 @@ def test_failed_write_leaves_nothing(ext_model: str, tmp_path, monkeypatch) -> N
 
 
 def test_over_the_protobuf_limit_goes_external_automatically(tmp_path, monkeypatch) -> None:
-    monkeypatch.setattr(model_io, "MAX_PROTOBUF", 10_000)  # a "2 GB" model in miniature
+    monkeypatch.setattr(writer, "MAX_PROTOBUF", 10_000)  # a "2 GB" model in miniature
     m = cnn()
-    assert model_io.plan_layout(m, str(tmp_path)) == (True, True)
+    assert writer.plan_layout(m, str(tmp_path)) == (True, True)
     with pytest.raises(OutputError, match="over 2 GB"):
-        model_io.plan_layout(m, str(tmp_path), external=False)
-    res = model_io.write_model(m, str(tmp_path / "big.onnx"), size_threshold=64)
+        writer.plan_layout(m, str(tmp_path), external=False)
+    res = writer.write_model(m, str(tmp_path / "big.onnx"), size_threshold=64)
     assert res.auto_external and res.data_path == str(tmp_path / "big.onnx.data")
 
 
@@ -429,7 +429,7 @@ def test_write_proto_is_byte_identical_to_serialize(models_dir: str) -> None:
     for name in sorted(os.listdir(models_dir)):
         m = onnx.load(os.path.join(models_dir, name))
         buf = io.BytesIO()
-        n = model_io.write_proto(m, buf)
+        n = writer.write_proto(m, buf)
         assert buf.getvalue() == m.SerializeToString() and n == len(buf.getvalue()), name
 
 
@@ -456,7 +456,7 @@ def test_constant_node_values_in_external_data(tmp_path) -> None:
     src = str(tmp_path / "model.onnx")
     save_external(m, src, convert_attribute=True)
     assert any(
-        model_io.is_external(n.attribute[0].t)
+        tensors.is_external(n.attribute[0].t)
         for n in onnx.load(src, load_external_data=False).graph.node
         if n.op_type == "Constant"
     )
@@ -477,7 +477,7 @@ def test_before_commit_sees_the_complete_model_and_can_veto(ext_model: str, tmp_
         assert_same_run(ext_model, tmp)  # runnable by path, data file in place
 
     out = str(tmp_path / "ok.onnx")
-    model_io.write_model(model_io.load_model(ext_model), out, base_dir=base, before_commit=look)
+    writer.write_model(model_io.load_model(ext_model), out, base_dir=base, before_commit=look)
     assert len(seen) == 1 and not os.path.exists(seen[0]) and os.path.exists(out)
 
     def veto(tmp: str) -> None:
@@ -485,5 +485,5 @@ def test_before_commit_sees_the_complete_model_and_can_veto(ext_model: str, tmp_
 
     bad = str(tmp_path / "bad.onnx")
     with pytest.raises(OutputError, match="outputs differ"):
-        model_io.write_model(model_io.load_model(ext_model), bad, base_dir=base, before_commit=veto)
+        writer.write_model(model_io.load_model(ext_model), bad, base_dir=base, before_commit=veto)
     assert sorted(os.listdir(tmp_path)) == ["in", "ok.onnx", "ok.onnx.data"]

@@ -13,7 +13,7 @@ import pytest
 from helpers import assert_close, run, run_cli
 from onnx import TensorProto, helper, numpy_helper
 
-from bnfold import model_io
+from bnfold import tensors, writer
 
 C = 8192  # 1x1 Conv weights of C x C float32: 256 MiB each
 LAYERS = 9  # 2.25 GiB of weights in all
@@ -73,7 +73,7 @@ def test_fold_model_over_2gb(tmp_path) -> None:
     src, out = str(src_dir / "large.onnx"), str(out_dir / "large.folded.onnx")
     try:
         data_size = build_large(src)
-        assert data_size > model_io.MAX_PROTOBUF
+        assert data_size > writer.MAX_PROTOBUF
 
         # Embedding is impossible: refused before any work, nothing written.
         r = run_cli("fold", src, "-o", out, "--no-external-data", "--no-verify")
@@ -103,7 +103,7 @@ def test_fold_model_over_2gb(tmp_path) -> None:
         onnx.checker.check_model(out, full_check=True)  # by path: the model is over 2 GB
         folded = onnx.load(out, load_external_data=False)
         assert not any(n.op_type == "BatchNormalization" for n in folded.graph.node)
-        assert all(model_io.is_external(t) for t in folded.graph.initializer if t.name.startswith("w"))
+        assert all(tensors.is_external(t) for t in folded.graph.initializer if t.name.startswith("w"))
 
         # bnfold's own verification runs both models by path (nothing serialized).
         r = run_cli("verify", src, out)

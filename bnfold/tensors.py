@@ -1,0 +1,240 @@
+"""The tensors of a model: where their data lives, and checks of it that read no data.
+
+Every model bnfold is given is untrusted: embedded tensors must hold as many bytes
+as their dtype and shape need, and external-data locations are refused when they
+could read outside the model's folder (see :func:`external_ref`).
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from .errors import ModelLoadError
+
+# Sub-byte element types: bits per element (packed in raw data).
+PACKED_BITS = {
+    getattr(TensorProto, n): bits
+    for n, bits in (
+        ("INT4", 4),
+        ("UINT4", 4),
+        ("FLOAT4E2M1", 4),
+        ("INT2", 2),
+        ("UINT2", 2),
+        ("FLOAT6E2M3", 6),
+        ("FLOAT6E3M2", 6),
+    )
+    if hasattr(TensorProto, n)
+}
+
+
+# Data files still being written by a :class:`bnfold.writer.DataSink`, by the
+# marker location their tensors carry until the output is written.
+PENDING: dict[str, object] = {}
+
+
+def _graph_tensors(graph: onnx.GraphProto) -> Iterator[tuple[TensorProto, bool]]:
+    for t in graph.initializer:
+        yield t, True
+    for st in graph.sparse_initializer:
+        yield st.values, False
+        yield st.indices, False
+    yield from _node_tensors(graph.node)
+
+
+def _node_tensors(nodes: Iterable[onnx.NodeProto]) -> Iterator[tuple[TensorProto, bool]]:
+    for n in nodes:
+        for a in n.attribute:
+            if a.HasField("t"):
+                yield a.t, False
+            for t in a.tensors:
+                yield t, False
+            sparse = [a.sparse_tensor] if a.HasField("sparse_tensor") else []
+            for st in (*sparse, *a.sparse_tensors):
+                yield st.values, False
+                yield st.indices, False
+            if a.HasField("g"):
+                yield from _graph_tensors(a.g)
+            for g in a.graphs:
+                yield from _graph_tensors(g)
+
+
+def model_tensors(model: onnx.ModelProto) -> Iterator[tuple[TensorProto, bool]]:
+    """Every tensor of a model (all graphs, node attributes, functions) with ``is_initializer``."""
+    yield from _graph_tensors(model.graph)
+    for f in model.functions:
+        yield from _node_tensors(f.node)
+
+
+def is_external(t: TensorProto) -> bool:
+    """True when the tensor's data lives in an external file."""
+    return t.HasField("data_location") and t.data_location == TensorProto.EXTERNAL
+
+
+def has_external_data(model: onnx.ModelProto) -> bool:
+    """True when any tensor of the model refers to an external data file."""
+    return any(is_external(t) for t, _ in model_tensors(model))
+
+
+def tensor_nbytes(t: TensorProto) -> int | None:
+    """Bytes the tensor's data takes in raw form (None for strings and unknown types)."""
+    n = 1
+    for d in t.dims:
+        n *= int(d)
+    bits = PACKED_BITS.get(t.data_type)
+    if bits:
+        return -(-n * bits // 8)
+    if t.data_type in (TensorProto.STRING, TensorProto.UNDEFINED):
+        return None
+    try:
+        return n * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+@dataclass(frozen=True)
+class ExternalRef:
+    """Where an external tensor's bytes are: ``length`` bytes of ``path`` from ``offset``."""
+
+    path: str
+    location: str
+    offset: int
+    length: int
+
+
+def external_entries(t: TensorProto) -> dict[str, str]:
+    """The ``external_data`` key/value pairs of a tensor."""
+    return {e.key: e.value for e in t.external_data}
+
+
+def external_ref(t: TensorProto, base_dir: str, stats: dict[str, os.stat_result] | None = None) -> ExternalRef:
+    """Resolve and validate an external tensor's location, without reading its data.
+
+    The location must be relative, stay inside ``base_dir`` once ``..`` and symlinks
+    are resolved, and name a regular, readable file that is not a hard link (a hard
+    link could point anywhere); ``offset + length`` must fit in the file and the
+    tensor's shape.  onnx has had several CVEs here: these checks run whatever the
+    installed onnx does.  ``stats`` caches the files' ``os.stat`` across one pass.
+
+    Raises:
+        ModelLoadError: naming the tensor and what is wrong.
+    """
+    e = external_entries(t)
+    loc = e.get("location", "")
+    what = f"tensor '{t.name}'"
+    if not loc:
+        raise ModelLoadError(f"{what} is stored externally but has no location")
+    sink = PENDING.get(loc)
+    if sink is not None:
+        return ExternalRef(sink.tmp, loc, int(e["offset"]), int(e["length"]))
+    parts = loc.replace("\\", "/").split("/")
+    if "\x00" in loc or os.path.isabs(loc) or loc.startswith(("/", "\\")) or (len(loc) > 1 and loc[1] == ":"):
+        raise ModelLoadError(f"{what}: refusing absolute external data path {loc!r}")
+    if ".." in parts:
+        raise ModelLoadError(f"{what}: refusing external data path {loc!r} that leaves the model's folder")
+    path = os.path.join(base_dir, *[p for p in parts if p not in ("", ".")])
+    st = stats.get(path) if stats is not None else None
+    if st is None:
+        root = os.path.realpath(base_dir)
+        if os.path.commonpath([root, os.path.realpath(path)]) != root:
+            raise ModelLoadError(f"{what}: refusing external data {loc!r}: a link resolving outside the model's folder")
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            raise ModelLoadError(f"{what}: external data file {loc!r} is missing") from None
+        except OSError as err:
+            raise ModelLoadError(f"{what}: cannot read external data file {loc!r} ({err.strerror})") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise ModelLoadError(f"{what}: external data {loc!r} is not a regular file")
+        if st.st_nlink > 1:
+            raise ModelLoadError(
+                f"{what}: refusing external data file {loc!r}: it is a hard link (could point outside the folder)"
+            )
+        if not os.access(path, os.R_OK):
+            raise ModelLoadError(f"{what}: external data file {loc!r} is not readable")
+        if stats is not None:
+            stats[path] = st
+    try:
+        offset = int(e.get("offset", 0) or 0)
+        length = int(e["length"]) if e.get("length") not in (None, "") else None
+    except ValueError:
+        raise ModelLoadError(f"{what}: external data offset/length are not integers") from None
+    size = st.st_size
+    if offset < 0 or (length is not None and length < 0):
+        raise ModelLoadError(f"{what}: negative external data offset or length")
+    if length is None:
+        length = max(size - offset, 0)
+    if offset + length > size:
+        raise ModelLoadError(f"{what}: external data file {loc!r} is too short ({size} bytes, needs {offset + length})")
+    need = tensor_nbytes(t)
+    if need is not None and length < need:
+        raise ModelLoadError(f"{what}: external data length {length} is too short for its shape ({need} bytes)")
+    return ExternalRef(path, loc, offset, length)
+
+
+def external_data_files(model: onnx.ModelProto, base_dir: str) -> set[str]:
+    """Real paths of the data files a model's external tensors point at (relative to ``base_dir``)."""
+    files, stats = set(), {}
+    for t, _ in model_tensors(model):
+        if is_external(t):
+            files.add(external_ref(t, base_dir, stats).path)
+    return {os.path.realpath(f) for f in files}
+
+
+def read_external(t: TensorProto, base_dir: str) -> bytes:
+    """The bytes of one external tensor (validated location and bounds)."""
+    sink = PENDING.get(external_entries(t).get("location", ""))
+    if sink is not None and hasattr(sink, "wait"):
+        sink.wait()  # a DataSink still writing it
+    ref = external_ref(t, base_dir)
+    with open(ref.path, "rb") as f:
+        f.seek(ref.offset)
+        return f.read(ref.length)
+
+
+_TYPED_FIELDS = ("float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data")
+
+
+def check_tensors(model: onnx.ModelProto, label: str) -> None:
+    """Refuse embedded tensors whose data does not match their dtype and dims (no data is converted)."""
+    for t, _ in model_tensors(model):
+        what = f"{label}: invalid model: tensor '{t.name}'"
+        if any(d < 0 for d in t.dims):
+            raise ModelLoadError(f"{what} has a negative dimension {list(t.dims)}")
+        if t.data_type == onnx.TensorProto.UNDEFINED:
+            raise ModelLoadError(f"{what} has no data type")
+        try:
+            helper.tensor_dtype_to_np_dtype(t.data_type)
+        except (KeyError, TypeError, ValueError):
+            raise ModelLoadError(f"{what} has an unknown data type {t.data_type}") from None
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            continue
+        n = int(np.prod(t.dims, dtype=np.float64)) if t.dims else 1
+        if t.HasField("raw_data"):
+            if t.data_type == onnx.TensorProto.STRING:
+                raise ModelLoadError(f"{what} is a string tensor with raw data")
+            need = tensor_nbytes(t)
+            if need is not None and len(t.raw_data) != need:
+                raise ModelLoadError(
+                    f"{what} holds {len(t.raw_data)} bytes of data for shape {list(t.dims)} (needs {need})"
+                )
+            continue
+        held = max(len(getattr(t, f)) for f in _TYPED_FIELDS)
+        if t.data_type in (onnx.TensorProto.COMPLEX64, onnx.TensorProto.COMPLEX128):
+            held //= 2
+        if held != n and t.data_type not in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4):
+            raise ModelLoadError(f"{what} holds {held} values for shape {list(t.dims)} ({n} needed)")
+
+
+def check_external_data(model: onnx.ModelProto, base_dir: str) -> None:
+    """Validate every external reference of ``model`` (see :func:`external_ref`); reads no data."""
+    stats: dict[str, os.stat_result] = {}
+    for t, _ in model_tensors(model):
+        if is_external(t):
+            external_ref(t, base_dir, stats)
