@@ -233,3 +233,30 @@ def test_fold_in_a_real_process(models_dir: str, tmp_path) -> None:
     p = run_cli("fold", os.path.join(models_dir, "mlp_bn.onnx"), "-o", out)
     assert p.returncode == 0, p.stderr
     assert "verify: passed" in p.stdout and os.path.exists(out)
+
+
+def test_in_place_with_failing_verification_leaves_the_input(chain: str, corrupt_bn1) -> None:
+    before = open(chain, "rb").read()
+    r = CliRunner().invoke(main, ["fold", chain, "--in-place"], catch_exceptions=False)
+    assert r.exit_code == 3, r.output
+    assert open(chain, "rb").read() == before
+    assert sorted(os.listdir(os.path.dirname(chain))) == ["chain.onnx"]
+
+
+def test_verify_json_matches_schema(chain: str, tmp_path) -> None:
+    import json
+
+    from test_cli import validate
+
+    from bnfold.json_report import SCHEMA
+
+    out = str(tmp_path / "out.onnx")
+    assert invoke("fold", chain, "-o", out).exit_code == 0
+    r = CliRunner().invoke(main, ["verify", chain, out, "--json"])
+    assert r.exit_code == 0
+    doc = json.loads(r.stdout)
+    validate(doc, SCHEMA)
+    assert doc["command"] == "verify" and doc["models"][0]["verification"]["passed"] is True
+    r = CliRunner().invoke(main, ["verify", chain, os.path.join(os.path.dirname(chain), "..", "nope.onnx"), "--json"])
+    assert r.exit_code == 4
+    validate(json.loads(r.stdout), SCHEMA)
