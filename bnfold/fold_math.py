@@ -2,8 +2,11 @@
 
 Every function takes float arrays of any dtype, computes in float64 and returns
 float64 results; :func:`round_to` rounds once to the target dtype and refuses
-values that are not finite or overflow it.  See ``FOLDING.md`` for the
-derivations.
+values that are not finite or overflow it.  The big weight products take an
+optional ``weight_dtype``: the product is then computed in float64 chunk by chunk
+and rounded once straight into that dtype, so no float64 copy of a large weight is
+ever made (same values as rounding the float64 result).  See ``FOLDING.md`` for
+the derivations.
 """
 
 from __future__ import annotations
@@ -42,15 +45,24 @@ def _bias(b: np.ndarray | None, n: int) -> np.ndarray:
 _NATIVE_FLOATS = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 
 
-def _scaled(w: np.ndarray, factor: np.ndarray) -> np.ndarray:
+def _multiply(a: np.ndarray, b: np.ndarray, out_dtype: np.dtype | None) -> np.ndarray:
+    """``a * b`` computed in float64; the result in ``out_dtype`` (rounded once) or float64."""
+    if out_dtype is None or np.dtype(out_dtype) not in _NATIVE_FLOATS:
+        return np.multiply(a, b, dtype=F64)
+    out = np.empty(np.broadcast_shapes(a.shape, b.shape), dtype=out_dtype)
+    with np.errstate(over="ignore"):  # overflow shows as inf; round_to reports it
+        return np.multiply(a, b, dtype=F64, out=out, casting="same_kind")
+
+
+def _scaled(w: np.ndarray, factor: np.ndarray, out_dtype: np.dtype | None = None) -> np.ndarray:
     """``float64(w) * factor`` in one pass (no float64 copy of ``w`` first: the ufunc casts in chunks)."""
     w = np.asarray(w)
     if w.dtype in _NATIVE_FLOATS:
-        return np.multiply(w, factor, dtype=F64)
+        return _multiply(w, factor, out_dtype)
     return np.asarray(w, dtype=F64) * factor
 
 
-def _scaled_rows(w: np.ndarray, v: np.ndarray) -> np.ndarray:
+def _scaled_rows(w: np.ndarray, v: np.ndarray, out_dtype: np.dtype | None = None) -> np.ndarray:
     """``float64(w) * v`` where ``v`` has the leading shape of ``w`` (``[n]`` or ``[n, m]``).
 
     Flattening the trailing axes first keeps numpy's casting loop on long contiguous rows.
@@ -60,7 +72,7 @@ def _scaled_rows(w: np.ndarray, v: np.ndarray) -> np.ndarray:
     if w.dtype not in _NATIVE_FLOATS or w.size == 0:
         return np.asarray(w, dtype=F64) * _expand(v, w.ndim)
     rows = w.reshape((*v.shape, -1))
-    return np.multiply(rows, v[..., None], dtype=F64).reshape(w.shape)
+    return _multiply(rows, v[..., None], out_dtype).reshape(w.shape)
 
 
 def _expand(v: np.ndarray, ndim: int) -> np.ndarray:
@@ -68,14 +80,16 @@ def _expand(v: np.ndarray, ndim: int) -> np.ndarray:
     return v.reshape(v.shape + (1,) * (ndim - v.ndim))
 
 
-def fold_conv(w: np.ndarray, b: np.ndarray | None, s: np.ndarray, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def fold_conv(
+    w: np.ndarray, b: np.ndarray | None, s: np.ndarray, t: np.ndarray, weight_dtype: np.dtype | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Affine after Conv: ``W[Cout, Cin/g, k...]``, scale output channel ``o`` by ``s[o]``.
 
     The group does not matter: axis 0 of a Conv weight is always the output channel.
     """
     w = np.asarray(w)
     cout = w.shape[0]
-    return _scaled_rows(w, s), s * _bias(b, cout) + t
+    return _scaled_rows(w, s, weight_dtype), s * _bias(b, cout) + t
 
 
 def conv_transpose_channels(cin: int, cout_per_group: int, group: int) -> np.ndarray:
@@ -86,13 +100,18 @@ def conv_transpose_channels(cin: int, cout_per_group: int, group: int) -> np.nda
 
 
 def fold_conv_transpose(
-    w: np.ndarray, b: np.ndarray | None, s: np.ndarray, t: np.ndarray, group: int
+    w: np.ndarray,
+    b: np.ndarray | None,
+    s: np.ndarray,
+    t: np.ndarray,
+    group: int,
+    weight_dtype: np.dtype | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Affine after ConvTranspose: ``W[Cin, Cout/g, k...]``, channel ``(i//(Cin/g))*(Cout/g)+j``."""
     w = np.asarray(w)
     cin, cpg = w.shape[0], w.shape[1]
     scale = np.asarray(s, dtype=F64)[conv_transpose_channels(cin, cpg, group)]
-    return _scaled_rows(w, scale), s * _bias(b, cpg * group) + t
+    return _scaled_rows(w, scale, weight_dtype), s * _bias(b, cpg * group) + t
 
 
 def fold_gemm(
@@ -102,6 +121,7 @@ def fold_gemm(
     t: np.ndarray,
     trans_b: bool,
     beta: float,
+    weight_dtype: np.dtype | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Affine after Gemm: scale column ``n`` of ``op(B)`` by ``s[n]``; new ``C = s*(beta*C) + t``.
 
@@ -109,19 +129,22 @@ def fold_gemm(
     its broadcast shape when that already covers ``[N]`` (``[M, N]`` stays ``[M, N]``).
     """
     s = np.asarray(s, dtype=F64)
-    b_new = _scaled_rows(b_mat, s) if trans_b else _scaled(b_mat, s[None, :])
+    b_new = _scaled_rows(b_mat, s, weight_dtype) if trans_b else _scaled(b_mat, s[None, :], weight_dtype)
     if c is None:
         return b_new, t.copy()
     c64 = F64(beta) * np.asarray(c, dtype=F64)
     return b_new, s * c64 + t
 
 
-def fold_matmul(w: np.ndarray, bias: np.ndarray | None, s: np.ndarray, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def fold_matmul(
+    w: np.ndarray, bias: np.ndarray | None, s: np.ndarray, t: np.ndarray, weight_dtype: np.dtype | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Affine after ``MatMul(x, W[K, N])`` (and optional ``Add(bias)``) on a 2-D output."""
     s = np.asarray(s, dtype=F64)
+    w_new = _scaled(w, s[None, :], weight_dtype)
     if bias is None:
-        return _scaled(w, s[None, :]), t.copy()
-    return _scaled(w, s[None, :]), s * np.asarray(bias, dtype=F64) + t
+        return w_new, t.copy()
+    return w_new, s * np.asarray(bias, dtype=F64) + t
 
 
 def conv_input_channels(cout: int, cin_per_group: int, group: int) -> np.ndarray:
@@ -160,9 +183,20 @@ def dtype_max(dtype: np.dtype) -> float:
 
 
 def round_to(x: np.ndarray, dtype: np.dtype, what: str = "value") -> np.ndarray:
-    """Round float64 ``x`` once to ``dtype``; raise :class:`FoldValueError` when it cannot hold it."""
-    x = np.asarray(x, dtype=F64)
+    """Round float64 ``x`` once to ``dtype``; raise :class:`FoldValueError` when it cannot hold it.
+
+    An ``x`` already in ``dtype`` (rounded by a ``weight_dtype`` product) is only checked.
+    """
     dtype = np.dtype(dtype)
+    if isinstance(x, np.ndarray) and x.dtype == dtype and dtype in _NATIVE_FLOATS and dtype != F64:
+        hi, lo = (float(x.max()), float(x.min())) if x.size else (0.0, 0.0)
+        limit = dtype_max(dtype)
+        if -limit <= lo and hi <= limit:
+            return x
+        if np.isnan(hi) or np.isnan(lo):
+            raise FoldValueError("non_finite", f"folded {what} is not finite")
+        raise FoldValueError("dtype_overflow", f"folded {what} overflows the {dtype.name} maximum {limit:.3g}")
+    x = np.asarray(x, dtype=F64)
     if dtype in _NATIVE_FLOATS and x.size:
         # Fast path: round first, then look only at the rounded extremes.  Every value is
         # finite and within the limit exactly when the rounded ones lie strictly inside

@@ -83,32 +83,23 @@ def _is_big(t: TensorProto, threshold: int = 4096) -> bool:
     return n is None or n >= threshold
 
 
-def _check_raw_size(t: TensorProto, label: str) -> None:
-    need = tensor_nbytes(t)
-    if need is not None and not is_external(t) and len(t.raw_data) < need:
-        raise ModelLoadError(
-            f"{label}: invalid model: tensor '{t.name}' has {len(t.raw_data)} bytes of data, its shape needs {need}"
-        )
-
-
-def _skeleton_graph(g: onnx.GraphProto, label: str) -> onnx.GraphProto:
+def _skeleton_graph(g: onnx.GraphProto) -> onnx.GraphProto:
     out = onnx.GraphProto()
     for fd, value in g.ListFields():
         if fd.name == "initializer":
             for t in value:
                 if _is_big(t):
-                    _check_raw_size(t, label)
                     out.initializer.append(_stub(t))
                 else:
                     out.initializer.append(t)
         elif fd.name == "node":
-            out.node.extend(_skeleton_nodes(value, label))
+            out.node.extend(_skeleton_nodes(value))
         else:
             copy_field(out, fd, value)
     return out
 
 
-def _skeleton_nodes(nodes: Iterable[onnx.NodeProto], label: str) -> list[onnx.NodeProto]:
+def _skeleton_nodes(nodes: Iterable[onnx.NodeProto]) -> list[onnx.NodeProto]:
     res = []
     for n in nodes:
         heavy = any(a.HasField("g") or a.graphs or (a.HasField("t") and _is_big(a.t)) for a in n.attribute)
@@ -123,11 +114,10 @@ def _skeleton_nodes(nodes: Iterable[onnx.NodeProto], label: str) -> list[onnx.No
             b = m.attribute.add()
             for fd, value in a.ListFields():
                 if fd.name == "g":
-                    b.g.CopyFrom(_skeleton_graph(value, label))
+                    b.g.CopyFrom(_skeleton_graph(value))
                 elif fd.name == "graphs":
-                    b.graphs.extend(_skeleton_graph(x, label) for x in value)
+                    b.graphs.extend(_skeleton_graph(x) for x in value)
                 elif fd.name == "t" and _is_big(value):
-                    _check_raw_size(value, label)
                     b.t.CopyFrom(_stub(value))
                 else:
                     copy_field(b, fd, value)
@@ -151,23 +141,23 @@ def copy_field(dst, fd, value) -> None:
         setattr(dst, fd.name, value)
 
 
-def skeleton(model: onnx.ModelProto, label: str = "model") -> onnx.ModelProto:
+def skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of ``model`` whose large tensors are data-less stand-ins of the same name, type and shape.
 
     The onnx checker (and shape inference) on the skeleton sees every node, graph,
-    type and shape of the model without a copy of its weights.  Embedded tensors that
-    are stubbed are checked here for holding enough bytes for their shape.
+    type and shape of the model without a copy of its weights.  (Whether embedded
+    tensors hold enough bytes is :func:`bnfold.tensors.check_tensors`'s job.)
     """
     sk = onnx.ModelProto()
     for fd, value in model.ListFields():
         if fd.name == "graph":
-            sk.graph.CopyFrom(_skeleton_graph(value, label))
+            sk.graph.CopyFrom(_skeleton_graph(value))
         elif fd.name == "functions":
             for f in value:
                 nf = sk.functions.add()
                 for ffd, fv in f.ListFields():
                     if ffd.name == "node":
-                        nf.node.extend(_skeleton_nodes(fv, label))
+                        nf.node.extend(_skeleton_nodes(fv))
                     else:
                         copy_field(nf, ffd, fv)
         else:
@@ -180,7 +170,7 @@ def check_model(model: onnx.ModelProto, label: str, full: bool = False) -> None:
 
     Raises :class:`ModelLoadError` with the checker's first line.
     """
-    sk = skeleton(model, label)
+    sk = skeleton(model)
     try:
         onnx.checker.check_model(sk, full_check=full)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError, ValueError) as e:

@@ -292,6 +292,50 @@ def exact_input(view: GraphView, node: onnx.NodeProto, index: int, value: np.nda
     return view.ctx.exact.get(node.input[index], value)
 
 
+def store(
+    view: GraphView,
+    aff: Affine,
+    node: onnx.NodeProto,
+    values: list[tuple[int, np.ndarray, np.dtype, str, str]],
+    *,
+    after: bool = True,
+) -> None:
+    """Round every folded value once, then write them all: ``(input index, float64 value, dtype, what, name)``.
+
+    Rounding comes first so an overflow rejects the fold before anything changed.
+    While a chain of folds goes on the float64 values are kept (:func:`exact_input`).
+    """
+    ready = [(i, v64, rounded(v64, dtype, what), base) for i, v64, dtype, what, base in values]
+    keep = chain_goes_on(view, aff, after)
+    for i, v64, v, base in ready:
+        write_input(view, node, i, v, base, v64 if keep else None)
+
+
+def _weight_and_bias(
+    node: onnx.NodeProto, w64: np.ndarray, b64: np.ndarray, dtype: np.dtype, bias: str = "bias"
+) -> list[tuple[int, np.ndarray, np.dtype, str, str]]:
+    """:func:`store` entries of a folded weight (input 1) and bias (input 2)."""
+    return [
+        (1, w64, dtype, "weight", f"{node.input[1]}_bnfold"),
+        (2, b64, dtype, "bias", f"{display_name(node)}_{bias}_bnfold"),
+    ]
+
+
+def conv_weight(view: GraphView, conv: onnx.NodeProto) -> tuple[np.ndarray, np.ndarray | None, int]:
+    """A Conv's or ConvTranspose's constant weight, optional bias and group; Rejected when they do not fit."""
+    w = weight(view, conv)
+    b = const_input(view, conv, 2, "bias")
+    group = attr(conv, "group", 1)
+    if w.ndim < 3 or group < 1 or w.shape[0] % group:
+        raise Rejected(Reason.SHAPE_MISMATCH, f"{conv.op_type} weight {list(w.shape)} does not fit group={group}")
+    return w, b, group
+
+
+def final(view: GraphView, aff: Affine, w: np.ndarray) -> np.dtype | None:
+    """The dtype to round a folded weight into at once, or None while a chain goes on (keep float64)."""
+    return None if chain_goes_on(view, aff) else w.dtype
+
+
 def chain_goes_on(view: GraphView, aff: Affine, after: bool = True) -> bool:
     """Whether another affine op may fold into the same weights next (keep them unrounded).
 
@@ -341,34 +385,22 @@ def weight(view: GraphView, node: onnx.NodeProto, index: int = 1) -> np.ndarray:
 
 def into_conv(view: GraphView, aff: Affine, conv: onnx.NodeProto) -> str:
     """Affine after Conv: scale output channels, fold the shift into the bias."""
-    w = weight(view, conv)
-    b = const_input(view, conv, 2, "bias")
-    group = attr(conv, "group", 1)
-    if w.ndim < 3 or group < 1 or w.shape[0] % group:
-        raise Rejected(Reason.SHAPE_MISMATCH, f"Conv weight {list(w.shape)} does not fit group={group}")
+    w, b, _ = conv_weight(view, conv)
     s, t = aff.per_channel(w.shape[0])
-    w64, b64 = fm.fold_conv(exact_input(view, conv, 1, w), exact_input(view, conv, 2, b), s, t)
-    w2, b2 = rounded(w64, w.dtype, "weight"), rounded(b64, w.dtype, "bias")
-    keep = chain_goes_on(view, aff)
-    write_input(view, conv, 1, w2, f"{conv.input[1]}_bnfold", w64 if keep else None)
-    write_input(view, conv, 2, b2, f"{display_name(conv)}_bias_bnfold", b64 if keep else None)
+    w64, b64 = fm.fold_conv(exact_input(view, conv, 1, w), exact_input(view, conv, 2, b), s, t, final(view, aff, w))
+    store(view, aff, conv, _weight_and_bias(conv, w64, b64, w.dtype))
     splice_out(view, aff, conv)
     return "Conv+" + aff.node.op_type
 
 
 def into_conv_transpose(view: GraphView, aff: Affine, conv: onnx.NodeProto) -> str:
     """Affine after ConvTranspose: weight ``[Cin, Cout/g, k...]``."""
-    w = weight(view, conv)
-    b = const_input(view, conv, 2, "bias")
-    group = attr(conv, "group", 1)
-    if w.ndim < 3 or group < 1 or w.shape[0] % group:
-        raise Rejected(Reason.SHAPE_MISMATCH, f"ConvTranspose weight {list(w.shape)} does not fit group={group}")
+    w, b, group = conv_weight(view, conv)
     s, t = aff.per_channel(w.shape[1] * group)
-    w64, b64 = fm.fold_conv_transpose(exact_input(view, conv, 1, w), exact_input(view, conv, 2, b), s, t, group)
-    w2, b2 = rounded(w64, w.dtype, "weight"), rounded(b64, w.dtype, "bias")
-    keep = chain_goes_on(view, aff)
-    write_input(view, conv, 1, w2, f"{conv.input[1]}_bnfold", w64 if keep else None)
-    write_input(view, conv, 2, b2, f"{display_name(conv)}_bias_bnfold", b64 if keep else None)
+    w64, b64 = fm.fold_conv_transpose(
+        exact_input(view, conv, 1, w), exact_input(view, conv, 2, b), s, t, group, final(view, aff, w)
+    )
+    store(view, aff, conv, _weight_and_bias(conv, w64, b64, w.dtype))
     splice_out(view, aff, conv)
     return "ConvTranspose+" + aff.node.op_type
 
@@ -382,12 +414,15 @@ def into_gemm(view: GraphView, aff: Affine, gemm: onnx.NodeProto) -> str:
         raise Rejected(Reason.SHAPE_MISMATCH, f"Gemm B has shape {list(b.shape)}")
     s, t = aff.per_channel(b.shape[0] if trans_b else b.shape[1])
     b64, c64 = fm.fold_gemm(
-        exact_input(view, gemm, 1, b), exact_input(view, gemm, 2, c), s, t, trans_b, attr(gemm, "beta", 1.0)
+        exact_input(view, gemm, 1, b),
+        exact_input(view, gemm, 2, c),
+        s,
+        t,
+        trans_b,
+        attr(gemm, "beta", 1.0),
+        final(view, aff, b),
     )
-    b2, c2 = rounded(b64, b.dtype, "weight"), rounded(c64, b.dtype, "bias")
-    keep = chain_goes_on(view, aff)
-    write_input(view, gemm, 1, b2, f"{gemm.input[1]}_bnfold", b64 if keep else None)
-    write_input(view, gemm, 2, c2, f"{display_name(gemm)}_C_bnfold", c64 if keep else None)
+    store(view, aff, gemm, _weight_and_bias(gemm, b64, c64, b.dtype, "C"))
     set_attr(gemm, "beta", 1.0)
     splice_out(view, aff, gemm)
     return "Gemm+" + aff.node.op_type
@@ -412,7 +447,7 @@ def into_matmul(view: GraphView, aff: Affine, mm: onnx.NodeProto) -> str:
     s, t = aff.per_channel(w.shape[1])
     if not aff.is_bn and np.all(s == 1):
         raise Rejected(Reason.UNSUPPORTED_PRODUCER, "a bias Add after MatMul is already minimal")
-    w64, t64 = fm.fold_matmul(exact_input(view, mm, 1, w), None, s, t)
+    w64, t64 = fm.fold_matmul(exact_input(view, mm, 1, w), None, s, t, final(view, aff, w))
     w2 = rounded(w64, w.dtype, "weight")
     t2 = rounded(t64, w.dtype, "bias")
     write_input(view, mm, 1, w2, f"{mm.input[1]}_bnfold", w64 if chain_goes_on(view, aff) else None)
@@ -458,11 +493,11 @@ def into_matmul_add(view: GraphView, aff: Affine, add: onnx.NodeProto) -> str:
     sign = -1.0 if op == "Sub" else 1.0
     s, t = aff.per_channel(n)
     bias64 = np.broadcast_to(np.asarray(exact_input(view, add, k, bias), np.float64).reshape(-1), (n,))
-    w64, b64 = fm.fold_matmul(exact_input(view, mm, 1, w), sign * bias64, s, t)
+    w64, b64 = fm.fold_matmul(exact_input(view, mm, 1, w), sign * bias64, s, t, final(view, aff, w))
     b64 = sign * b64
-    w2, b2 = rounded(w64, w.dtype, "weight"), rounded(b64, bias.dtype, "bias")
+    b2 = rounded(b64, bias.dtype, "bias")  # before the weight is written: Rejected changes nothing
+    store(view, aff, mm, [(1, w64, w.dtype, "weight", f"{mm.input[1]}_bnfold")])
     keep = chain_goes_on(view, aff)
-    write_input(view, mm, 1, w2, f"{mm.input[1]}_bnfold", w64 if keep else None)
     write_input(view, add, k, b2, f"{display_name(add)}_bias_bnfold", b64 if keep else None)
     splice_out(view, aff, add)
     return f"MatMul+{op}+{aff.node.op_type}"
@@ -476,10 +511,15 @@ def into_bn(view: GraphView, aff: Affine, bn: onnx.NodeProto) -> str:
     gamma, beta = view.constant(bn.input[1]), view.constant(bn.input[2])
     s, t = aff.per_channel(gamma.shape[0])
     g64, b64 = fm.fold_into_bn(exact_input(view, bn, 1, gamma), exact_input(view, bn, 2, beta), s, t)
-    g2, b2 = rounded(g64, gamma.dtype, "scale"), rounded(b64, beta.dtype, "bias")
-    keep = chain_goes_on(view, aff)
-    write_input(view, bn, 1, g2, f"{bn.input[1]}_bnfold", g64 if keep else None)
-    write_input(view, bn, 2, b2, f"{bn.input[2]}_bnfold", b64 if keep else None)
+    store(
+        view,
+        aff,
+        bn,
+        [
+            (1, g64, gamma.dtype, "scale", f"{bn.input[1]}_bnfold"),
+            (2, b64, beta.dtype, "bias", f"{bn.input[2]}_bnfold"),
+        ],
+    )
     splice_out(view, aff, bn)
     return "BatchNormalization+" + aff.node.op_type
 
@@ -511,11 +551,7 @@ def into_next_conv(view: GraphView, aff: Affine, conv: onnx.NodeProto) -> str:
         raise Rejected(Reason.OUTPUT_SHARED_AFTER, f"its output '{out}' has other consumers or is a graph output")
     if not conv_pads_nothing(conv):
         raise Rejected(Reason.PADDED_CONSUMER, f"the following Conv {display_name(conv)} pads its input")
-    w = weight(view, conv)
-    b = const_input(view, conv, 2, "bias")
-    group = attr(conv, "group", 1)
-    if w.ndim < 3 or group < 1 or w.shape[0] % group:
-        raise Rejected(Reason.SHAPE_MISMATCH, f"Conv weight {list(w.shape)} does not fit group={group}")
+    w, b, group = conv_weight(view, conv)
     cin = w.shape[1] * group
     if not aff.is_bn and aff.channels is not None and channel_dim(view, aff.data) != cin:
         # A [1, C, 1, 1] constant on a 1-channel tensor broadcasts it to C channels:
@@ -523,10 +559,7 @@ def into_next_conv(view: GraphView, aff: Affine, conv: onnx.NodeProto) -> str:
         raise Rejected(Reason.SHAPE_MISMATCH, f"'{aff.data}' does not have the {cin} channels the Conv reads")
     s, t = aff.per_channel(cin)
     w64, b64 = fm.fold_into_next_conv(exact_input(view, conv, 1, w), exact_input(view, conv, 2, b), s, t, group)
-    w2, b2 = rounded(w64, w.dtype, "weight"), rounded(b64, w.dtype, "bias")
-    keep = chain_goes_on(view, aff, after=False)
-    write_input(view, conv, 1, w2, f"{conv.input[1]}_bnfold", w64 if keep else None)
-    write_input(view, conv, 2, b2, f"{display_name(conv)}_bias_bnfold", b64 if keep else None)
+    store(view, aff, conv, _weight_and_bias(conv, w64, b64, w.dtype), after=False)
     for reader in view.type_only_readers(out):  # same dtype before and after the affine op
         for k, i in enumerate(list(reader.input)):
             if i == out:

@@ -41,7 +41,7 @@ def wrong_axis(monkeypatch):
     """fold_conv scaling the *input*-channel axis of square Conv weights (the classic bug)."""
     right = fold_math.fold_conv
 
-    def fold_conv(w, b, s, t):
+    def fold_conv(w, b, s, t, weight_dtype=None):
         w = np.asarray(w, dtype=np.float64)
         if w.shape[0] != w.shape[1]:
             return right(w, b, s, t)

@@ -244,3 +244,20 @@ def test_reference_matches_onnxruntime(op: str, rank: int, cin: int, cout: int, 
     ref_out = ref.evaluate(model, {"x": xv})
     for a, b in zip(ort_out, ref_out, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_weight_dtype_rounds_once_like_float64_then_cast(dtype) -> None:
+    """The fused product (float64 in chunks, rounded into ``dtype``) equals rounding the float64 result."""
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((8, 3, 3, 3)).astype(dtype)
+    s, t = rng.uniform(0.1, 9.0, 8), rng.normal(0, 1, 8)
+    w64, b64 = fm.fold_conv(w, None, s, t)
+    w_fused, b_fused = fm.fold_conv(w, None, s, t, weight_dtype=w.dtype)
+    assert w_fused.dtype == dtype and w64.dtype == np.float64
+    np.testing.assert_array_equal(w_fused, w64.astype(dtype))
+    np.testing.assert_array_equal(b_fused, b64)
+    np.testing.assert_array_equal(fm.round_to(w_fused, dtype), w_fused)
+    big = fm.fold_matmul(np.full((2, 3), 60000, np.float16), None, np.full(3, 2.0), np.zeros(3), np.float16)[0]
+    with pytest.raises(fm.FoldValueError, match="overflow"):
+        fm.round_to(big, np.float16)
