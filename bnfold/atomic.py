@@ -1,17 +1,15 @@
-"""Atomic output: temporary files next to their targets, renamed into place only on success.
+"""Signal-safe temporary files for atomic output.
 
-On any failure (an exception, disk full, SIGINT/SIGTERM unwinding as
-KeyboardInterrupt) every temporary file is removed and existing outputs stay as
-they were.  Signals are held back while a temporary file is created and while
-they are cleaned up, so no window leaves one behind.
+The writer creates temporary files next to their targets and renames them into
+place only on success; on any failure (an exception, disk full, SIGINT/SIGTERM
+unwinding as KeyboardInterrupt) it removes them.  Between creating a temporary
+file and recording it for cleanup a signal must not land, so it is held back there.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
-import tempfile
 import threading
 from collections.abc import Iterator
 
@@ -29,53 +27,3 @@ def signals_deferred() -> Iterator[None]:
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
-
-
-class AtomicFiles:
-    """Write several files so that either all appear (in order) or none does.
-
-    Usage::
-
-        with AtomicFiles() as files:
-            with open(files.temp_for("out.onnx.data"), "wb") as f: ...
-            with open(files.temp_for("out.onnx"), "wb") as f: ...
-        # renamed into place here, data files first, in the order asked for
-    """
-
-    def __init__(self) -> None:
-        self.pairs: list[tuple[str, str]] = []
-
-    def temp_for(self, final: str) -> str:
-        """A new empty temporary file in ``final``'s folder; renamed to ``final`` on success."""
-        folder = os.path.dirname(os.path.abspath(final))
-        with signals_deferred():
-            fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(final)}.", suffix=".tmp", dir=folder)
-            os.close(fd)
-            self.pairs.append((tmp, final))
-        return tmp
-
-    def __enter__(self) -> AtomicFiles:
-        return self
-
-    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        if exc_type is None:
-            try:
-                for tmp, _ in self.pairs:
-                    fd = os.open(tmp, os.O_RDONLY)
-                    try:
-                        os.fsync(fd)
-                    finally:
-                        os.close(fd)
-                for tmp, final in self.pairs:
-                    os.replace(tmp, final)
-                return
-            except BaseException:
-                self._discard()
-                raise
-        self._discard()
-
-    def _discard(self) -> None:
-        with signals_deferred():
-            for tmp, _ in self.pairs:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)

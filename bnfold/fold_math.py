@@ -166,11 +166,6 @@ def fold_into_next_conv(
     return w_new, _bias(b, cout) + shift
 
 
-def compose_affine(s1: np.ndarray, t1: np.ndarray, s2: np.ndarray, t2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``(s2, t2) after (s1, t1)``: ``s2 * (s1 * x + t1) + t2``."""
-    return s1 * s2, s2 * t1 + t2
-
-
 def fold_into_bn(gamma: np.ndarray, beta: np.ndarray, s: np.ndarray, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Affine after a BN: the BN keeps its statistics; ``gamma' = s*gamma``, ``beta' = s*beta + t``."""
     return s * np.asarray(gamma, dtype=F64), s * np.asarray(beta, dtype=F64) + t

@@ -94,7 +94,6 @@ class GraphView:
         self.outputs = {o.name for o in graph.output}
         self._cache: dict[str, object] = {}
         self.removed: set[int] = set()
-        self.inserted: dict[int, list[onnx.NodeProto]] = defaultdict(list)
         self.new_initializers: list[onnx.TensorProto] = []
         self.dropped_initializers: set[str] = set()
         self.disconnected: set[str] = set()
@@ -310,10 +309,6 @@ class GraphView:
             if i.name == name:
                 i.type.CopyFrom(onnx.helper.make_tensor_type_proto(t.data_type, list(t.dims)))
 
-    def insert_after(self, anchor: onnx.NodeProto, node: onnx.NodeProto) -> None:
-        """Queue ``node`` to go right after ``anchor``."""
-        self.inserted[self.position[id(anchor)]].append(node)
-
     def live_nodes(self) -> Iterator[onnx.NodeProto]:
         for i, n in enumerate(self.nodes):
             if i not in self.removed:
@@ -323,11 +318,8 @@ class GraphView:
         """Apply queued edits to the graph and drop constants nothing reads any more."""
         self._remove_dead_constants()
         self._drop_value_info()
-        for i in range(len(self.nodes) - 1, -1, -1):
-            for k, n in enumerate(self.inserted.get(i, ())):
-                self.graph.node.insert(i + 1 + k, n)
-            if i in self.removed:
-                del self.graph.node[i]
+        for i in sorted(self.removed, reverse=True):
+            del self.graph.node[i]
         if self.ctx.ir_version < 4 and self.outer is not None:
             # IR < 4 lists initializers among the graph inputs, but a nested graph's
             # inputs are its formal parameters (Loop/Scan state): use Constant nodes.

@@ -360,21 +360,6 @@ def write_model(
     return WriteResult(os.path.abspath(path), data_path, size, data_path is not None, auto)
 
 
-def save_model(
-    model: onnx.ModelProto,
-    path: str,
-    *,
-    base_dir: str | None = None,
-    external: bool | None = None,
-    size_threshold: int = DEFAULT_SIZE_THRESHOLD,
-    protect: Iterable[str] = (),
-) -> int:
-    """Write ``model`` to ``path`` atomically (see :func:`write_model`); return the bytes written."""
-    return write_model(
-        model, path, base_dir=base_dir, external=external, size_threshold=size_threshold, protect=protect
-    ).size
-
-
 def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
