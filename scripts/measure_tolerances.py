@@ -46,7 +46,9 @@ RTOLS = (1e-3, 1e-2, 1e-1)
 DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16, "float64": np.float64}
 
 
-def steep_head(offset: float = 2e4, k: float = 5.0, seed: int = 0) -> onnx.ModelProto:
+def steep_head(
+    offset: float = 2e4, k: float = 5.0, seed: int = 0, batch: int | str = "N", size: int = 32
+) -> onnx.ModelProto:
     """A model that amplifies rounding: Conv whose outputs sit near ``offset``, a BN that
     subtracts a running mean near ``offset`` and scales by ~``k``, then a Sigmoid.
 
@@ -74,8 +76,8 @@ def steep_head(offset: float = 2e4, k: float = 5.0, seed: int = 0) -> onnx.Model
     g = helper.make_graph(
         nodes,
         "steep_head",
-        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", c, 32, 32])],
-        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", c, 32, 32])],
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [batch, c, size, size])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [batch, c, size, size])],
         inits,
     )
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])

@@ -160,36 +160,20 @@ def custom_op_model() -> onnx.ModelProto:
 
 
 def steep_head(offset: float = 2e4, k: float = 5.0, seed: int = 1) -> onnx.ModelProto:
-    """Conv with outputs near ``offset`` -> BN subtracting a mean near ``offset``, scale ~k -> Sigmoid.
+    """The rounding-amplifying model of ``scripts/measure_tolerances.py`` (one builder for both), 1x8x16x16.
 
     A correct fold moves the outputs by a few 1e-3 here: float32 rounding of values near
     ``offset`` moves from the BN's subtraction into the folded bias, then the steep
     sigmoid amplifies it (how a text detector's binarization head behaves).
     """
-    rng = np.random.default_rng(seed)
-    c = 8
-    arrays = {
-        "w": rng.standard_normal((c, c, 3, 3)) / np.sqrt(9 * c),
-        "b": np.full(c, offset),
-        "gamma": rng.uniform(0.5, 1.5, c),
-        "beta": rng.normal(0, 0.1, c),
-        "mean": offset + rng.normal(0, 0.1, c),
-        "var": rng.uniform(0.5, 2.0, c) / k**2,
-    }
-    inits = [numpy_helper.from_array(a.astype(np.float32), n) for n, a in arrays.items()]
-    nodes = [
-        helper.make_node("Conv", ["x", "w", "b"], ["c"], name="conv", pads=[1, 1, 1, 1]),
-        helper.make_node("BatchNormalization", ["c", "gamma", "beta", "mean", "var"], ["n"], name="bn"),
-        helper.make_node("Sigmoid", ["n"], ["y"], name="sigmoid"),
-    ]
-    g = helper.make_graph(
-        nodes,
-        "steep_head",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, c, 16, 16])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, c, 16, 16])],
-        inits,
-    )
-    return model(g)
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "measure_tolerances.py")
+    spec = importlib.util.spec_from_file_location("measure_tolerances", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.steep_head(offset, k, seed, batch=1, size=16)
 
 
 def scale_channel(m: onnx.ModelProto, init_name: str, channel: int, factor: float) -> onnx.ModelProto:
