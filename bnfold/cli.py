@@ -343,7 +343,7 @@ def fold(
     opts = FoldOptions(
         freeze_initializer_inputs=freeze_initializer_inputs,
         verify=not no_verify,
-        verify_options=verify_options_from(verify_kw),
+        verify_options=None if no_verify else verify_options_from(verify_kw),
         keep_safe=keep_safe,
         external_data=external_data,
         size_threshold=size_threshold,

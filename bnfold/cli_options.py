@@ -9,12 +9,14 @@ with :func:`verify_options_from`.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from .inputs import DEFAULT_INT_RANGE, DEFAULT_TRIALS, InputOptions, parse_input_shape, parse_int_range
-from .verify import VerifyOptions
+
+if TYPE_CHECKING:
+    from .verify import VerifyOptions
 
 # Keyword names the decorators add (popped by verify_options_from).
 VERIFY_PARAMS = ("atol", "rtol", "seed", "trials", "input_shape", "input_range", "inputs", "save_io")
@@ -122,4 +124,6 @@ def verify_options_from(params: dict[str, Any]) -> VerifyOptions:
         int_range=p["input_range"] or DEFAULT_INT_RANGE,
         files=list(p["inputs"] or ()),
     )
+    from .verify import VerifyOptions  # imported only when a command verifies
+
     return VerifyOptions(atol=p["atol"], rtol=p["rtol"], inputs=inputs, save_io=p["save_io"])

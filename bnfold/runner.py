@@ -14,15 +14,16 @@ import os
 import time
 import traceback
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .blame import verify_fold
 from .engine import FoldResult, fold_model
 from .errors import BnfoldError, ExitCode, ModelLoadError, NotVerifiableError, OutputError, VerificationError
 from .model_io import check_model, load_model
 from .tensors import external_data_files
-from .verify import VerifyOptions, verify_models
 from .writer import DEFAULT_SIZE_THRESHOLD, DataSink, plan_layout, write_model
+
+if TYPE_CHECKING:  # the verification stack is imported when a job verifies (--no-verify skips it)
+    from .verify import VerifyOptions
 
 STATUS = {
     ExitCode.OK: "ok",
@@ -63,7 +64,7 @@ class FoldOptions:
 
     freeze_initializer_inputs: bool = False
     verify: bool = True
-    verify_options: VerifyOptions = field(default_factory=VerifyOptions)
+    verify_options: VerifyOptions | None = None  # None: the defaults
     keep_safe: bool = False
     external_data: bool | None = None  # None keeps the input's layout
     size_threshold: int = DEFAULT_SIZE_THRESHOLD
@@ -242,6 +243,8 @@ def _verify_hook(path: str, result: FoldResult, opts: FoldOptions, outcome: Mode
     def hook(candidate: str) -> None:
         started = time.perf_counter()
         try:
+            from .blame import verify_fold
+
             checked = verify_fold(
                 path,
                 FoldResult(candidate, result.report),  # type: ignore[arg-type] - a path is a model source
@@ -276,6 +279,8 @@ def verify_job(reference: str, candidate: str, options: VerifyOptions, debug: bo
         ref, cand = load_model(reference), load_model(candidate)
         outcome.size_before, outcome.size_after = disk_size(reference, ref), disk_size(candidate, cand)
         clock.lap("load")
+        from .verify import verify_models
+
         rep = verify_models(reference, candidate, options)
         clock.lap("verify")
         outcome.verification = rep.to_dict()
