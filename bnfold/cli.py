@@ -7,6 +7,7 @@ errors go to stderr.  Every command exits with a code from one table
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import os
 import signal
@@ -148,8 +149,9 @@ def run_jobs(fn: Callable[..., ModelOutcome], arglist: list[tuple], jobs: int, q
         elif plain:
             click.echo(f"[{done}/{n}] {outcome.input}: {outcome.status}", err=True)
 
+    progress = click.progressbar(length=n, label="models", file=sys.stderr) if show_bar else contextlib.nullcontext()
     try:
-        with click.progressbar(length=n, label="models", file=sys.stderr) if show_bar else _null() as bar:
+        with progress as bar:
             if jobs > 1 and n > 1:
                 with ProcessPoolExecutor(max_workers=min(jobs, n)) as pool:
                     futures = {pool.submit(fn, *args): i for i, args in enumerate(arglist)}
@@ -166,14 +168,6 @@ def run_jobs(fn: Callable[..., ModelOutcome], arglist: list[tuple], jobs: int, q
     if any(o.exit_code == ExitCode.INTERRUPTED for o in done_outcomes):
         _interrupted()
     return done_outcomes
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 # ---------------------------------------------------------------------------
