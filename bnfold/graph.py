@@ -18,6 +18,7 @@ import onnx
 from onnx import numpy_helper
 
 from . import constants
+from .errors import ModelLoadError
 from .tensors import read_external
 from .writer import DataSink
 
@@ -412,7 +413,18 @@ _SIMPLE_DTYPES = {
 
 
 def tensor_value(t: onnx.TensorProto, base_dir: str | None) -> np.ndarray:
-    """numpy value of an initializer, reading external data from ``base_dir`` when needed."""
+    """numpy value of an initializer, reading external data from ``base_dir`` when needed.
+
+    Raises:
+        ModelLoadError: the tensor's data does not match its dtype and shape.
+    """
+    try:
+        return _tensor_value(t, base_dir)
+    except (ValueError, KeyError, TypeError) as e:
+        raise ModelLoadError(f"invalid model: tensor '{t.name}': {e}") from e
+
+
+def _tensor_value(t: onnx.TensorProto, base_dir: str | None) -> np.ndarray:
     if t.data_location != onnx.TensorProto.EXTERNAL:
         return numpy_helper.to_array(t)
     # Read only this tensor's bytes (validated location and bounds), never the whole file.

@@ -8,7 +8,6 @@ top-level and their arguments picklable, for ``--jobs N`` process pools.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
 import time
@@ -188,9 +187,10 @@ def fold_job(path: str, output: str, opts: FoldOptions) -> ModelOutcome:
         if auto:
             outcome.notes.append("the model is over 2 GB (protobuf's limit): writing it with external data")
         clock.lap("load")
-        # With external data, folded weights go straight to the output's data file.
-        sink = DataSink(output, size_threshold=opts.size_threshold, protect=in_files) if external else None
-        with sink or contextlib.nullcontext():
+        # Folded weights go straight from numpy to a file next to the output: its data
+        # file (external data), or a staging file the model file is streamed from.
+        sink = DataSink(output, size_threshold=opts.size_threshold, protect=in_files, durable=external)
+        with sink:
             result = fold_model(
                 model,
                 freeze_initializer_inputs=opts.freeze_initializer_inputs,

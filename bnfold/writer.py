@@ -73,6 +73,7 @@ class DataSink:
         size_threshold: int = DEFAULT_SIZE_THRESHOLD,
         protect: Iterable[str] = (),
         max_pending: int = 256 << 20,
+        durable: bool = True,
     ) -> None:
         folder = os.path.dirname(os.path.abspath(output))
         if not os.path.isdir(folder):
@@ -89,7 +90,9 @@ class DataSink:
         self._cv = threading.Condition()
         self._pending = 0
         self._error: OSError | None = None
-        self._unsynced, self._sync_every = 0, 32 << 20
+        # A sink whose file becomes the output's data file is flushed to disk as it goes;
+        # one that only stages values for an embedded output (durable=False) is not.
+        self._unsynced, self._sync_every = 0, (32 << 20) if durable else float("inf")
         self._thread = threading.Thread(target=self._run, name="bnfold-sink", daemon=True)
         self._thread.start()
         PENDING[self.marker] = self
@@ -319,8 +322,10 @@ def write_model(
                 os.unlink(data_tmp)
                 tmps.remove(data_tmp)
         else:
-            _embed_external(model, src_dir)
-        if sink is not None:
+            # Top-level initializers the fold staged in the sink are streamed from its
+            # file into the model file by write_proto (no copy through Python).
+            _embed_external(model, src_dir, stream=sink)
+        if sink is not None and external:
             sink.discard()
         if check and data_path is None:
             check_model(model, path, full=full_check)
@@ -565,9 +570,16 @@ def _in_file(t: TensorProto, path: str) -> bool:
     return sink is not None and sink.tmp == path
 
 
-def _embed_external(model: onnx.ModelProto, src_dir: str) -> None:
-    """Read every external tensor into the model (the output is one self-contained file)."""
-    for t, _ in model_tensors(model):
+def _embed_external(model: onnx.ModelProto, src_dir: str, stream: DataSink | None = None) -> None:
+    """Read every external tensor into the model (the output is one self-contained file).
+
+    Top-level initializers in ``stream``'s file stay references: :func:`write_proto`
+    copies their bytes from that file straight into the model file.
+    """
+    top = {t.name for t in model.graph.initializer} if stream is not None else set()
+    for t, is_init in model_tensors(model):
+        if is_init and t.name in top and _streamable(t, stream):
+            continue
         if is_external(t):
             data = read_external(t, src_dir)
             del t.external_data[:]
@@ -606,8 +618,36 @@ def _split(msg, number: int, cls):
     return lo, hi
 
 
+_RAW_TAG = _varint(_RAW_DATA.number << 3 | 2)
+_EXTERNAL_FIELDS = {"external_data", "data_location"}
+
+
+def _staged(t: TensorProto) -> bool:
+    """A tensor whose bytes are still in a sink's file (written by the fold, not yet placed)."""
+    return is_external(t) and external_entries(t).get("location") in PENDING
+
+
+def _streamable(t: TensorProto, sink: DataSink) -> bool:
+    """An initializer held in the sink's file, whose other fields all precede raw_data."""
+    if not is_external(t) or external_entries(t).get("location") != sink.marker:
+        return False
+    return all(fd.number < _RAW_DATA.number or fd.name in _EXTERNAL_FIELDS for fd, _ in t.ListFields())
+
+
+def _bare(t: TensorProto) -> TensorProto:
+    """``t`` without its external-data fields (what the embedded tensor holds but raw_data)."""
+    bare = TensorProto()
+    for fd, value in t.ListFields():
+        if fd.name not in _EXTERNAL_FIELDS:
+            copy_field(bare, fd, value)
+    return bare
+
+
 def _tensor_size(t: TensorProto) -> tuple[int, int]:
     """Serialized size of an initializer (computed without copying its raw data), and its raw length."""
+    if _staged(t):  # in a sink's file: embedded from it by _write_streamed
+        n = int(external_entries(t)["length"])
+        return len(_bare(t).SerializeToString()) + len(_RAW_TAG) + len(_varint(n)) + n, n
     bare = TensorProto()
     for fd, value in t.ListFields() if not t.HasField("raw_data") else _fields_but_raw(t):
         copy_field(bare, fd, value)
@@ -645,6 +685,8 @@ def write_proto(model: onnx.ModelProto, f: BinaryIO) -> int:
     try:
         return _write_streamed(model, f)
     except _SizeMismatch:
+        if any(_staged(t) for t in model.graph.initializer):
+            raise OutputError("cannot serialize the model: a staged tensor's size does not match") from None
         f.seek(start)
         f.truncate()
         data = model.SerializeToString()
@@ -670,14 +712,23 @@ def _write_streamed(model: onnx.ModelProto, f: BinaryIO) -> int:
         f.write(piece)
         total += len(piece)
     for t, s in zip(model.graph.initializer, sizes, strict=True):
-        b = t.SerializeToString()
-        if len(b) != s:
-            raise _SizeMismatch
         f.write(init_tag)
         f.write(_varint(s))
-        f.write(b)
+        if _staged(t):
+            ref = external_ref(t, "")  # the sink's file
+            head = _bare(t).SerializeToString() + _RAW_TAG + _varint(ref.length)
+            f.write(head)
+            with open(ref.path, "rb") as src:
+                _copy_range(src, f, ref.offset, ref.length)
+            if len(head) + ref.length != s:
+                raise OutputError(f"{t.name}: staged tensor size changed while writing")
+        else:
+            b = t.SerializeToString()
+            if len(b) != s:
+                raise _SizeMismatch
+            f.write(b)
+            del b
         total += len(init_tag) + len(_varint(s)) + s
-        del b
     for piece in (g_tail_b, tail.SerializeToString()):
         f.write(piece)
         total += len(piece)

@@ -490,3 +490,18 @@ def test_before_commit_sees_the_complete_model_and_can_veto(ext_model: str, tmp_
     with pytest.raises(OutputError, match="outputs differ"):
         writer.write_model(model_io.load_model(ext_model), bad, base_dir=base, before_commit=veto)
     assert sorted(os.listdir(tmp_path)) == ["in", "ok.onnx", "ok.onnx.data"]
+
+
+def test_embedded_output_streams_staged_weights_byte_for_byte(tmp_path) -> None:
+    """Folded weights staged in a sink file are streamed into an embedded model file:
+    the bytes equal the in-memory fold's serialization, and no staging file is left."""
+    import bnfold
+
+    src = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models", "resnet_block.onnx")
+    out = tmp_path / "out" / "folded.onnx"
+    out.parent.mkdir()
+    r = run_cli("fold", src, "-o", str(out), "--no-verify")
+    assert r.returncode == 0, r.stderr
+    expected = bnfold.fold_model(onnx.load(src)).model.SerializeToString()
+    assert out.read_bytes() == expected
+    assert os.listdir(out.parent) == ["folded.onnx"]
