@@ -111,10 +111,11 @@ class ModelOutcome:
         return d
 
 
-def disk_size(path: str, model: Any) -> int:
-    """Bytes of a model file plus the external data files it names."""
-    base_dir = os.path.dirname(os.path.abspath(path))
-    return os.path.getsize(path) + sum(os.path.getsize(f) for f in external_data_files(model, base_dir))
+def disk_size(path: str, model: Any, data_files: set[str] | None = None) -> int:
+    """Bytes of a model file plus the external data files it names (pass them when known)."""
+    if data_files is None:
+        data_files = external_data_files(model, os.path.dirname(os.path.abspath(path)))
+    return os.path.getsize(path) + sum(os.path.getsize(f) for f in data_files)
 
 
 def reject_invalid_bn(path: str, report: dict[str, Any]) -> None:
@@ -182,7 +183,7 @@ def fold_job(path: str, output: str, opts: FoldOptions) -> ModelOutcome:
             raise OutputError(f"{output}: is a data file of the input model; choose another output name")
         if os.path.exists(output) and not opts.force and not opts.in_place:
             raise OutputError(f"{output}: already exists; use --force to overwrite it")
-        outcome.size_before = disk_size(path, model)
+        outcome.size_before = disk_size(path, model, in_files)
         external, auto = plan_layout(model, base_dir, opts.external_data)
         if auto:
             outcome.notes.append("the model is over 2 GB (protobuf's limit): writing it with external data")
