@@ -1,7 +1,7 @@
 """bnfold: fold frozen BatchNormalization layers of ONNX models into the weights around them."""
 
-from .engine import FoldResult, fold_model
-from .report import Fold, FoldReport, Reason, Skip
+from bnfold.fold.engine import FoldResult, fold_model
+from bnfold.fold.report import Fold, FoldReport, Reason, Skip
 
 __version__ = "0.1.0"
 

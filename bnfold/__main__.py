@@ -1,6 +1,6 @@
 """``python -m bnfold`` runs the command line."""
 
-from .cli import main
+from bnfold.cli.commands import main
 
 if __name__ == "__main__":
     main()

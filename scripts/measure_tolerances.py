@@ -36,9 +36,10 @@ from onnx import helper, numpy_helper
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from bnfold import fold_model, patterns
-from bnfold.inputs import InputOptions, parse_input_shape
-from bnfold.verify import DEFAULT_TOLERANCES, Verifier, VerifyOptions
+from bnfold import fold_model
+from bnfold.fold import rules as patterns
+from bnfold.verify.inputs import InputOptions, parse_input_shape
+from bnfold.verify.verifier import DEFAULT_TOLERANCES, Verifier, VerifyOptions
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 SAMPLES = ["resnet_block.onnx", "convtranspose_decoder.onnx", "mlp_bn.onnx"]

@@ -11,11 +11,12 @@ from onnx import TensorProto, helper
 from verify_builders import bn, bn_params, conv_chain, two_outputs, weight
 
 import bnfold
-from bnfold import fold_math, patterns
-from bnfold.blame import find_culprits, fold_subset, verify_fold
-from bnfold.inputs import InputOptions
-from bnfold.report import Reason
-from bnfold.verify import Verifier, VerifyOptions, verify_models
+from bnfold.fold import math as fold_math
+from bnfold.fold import rules as patterns
+from bnfold.fold.report import Reason
+from bnfold.verify.blame import find_culprits, fold_subset, verify_fold
+from bnfold.verify.inputs import InputOptions
+from bnfold.verify.verifier import Verifier, VerifyOptions, verify_models
 
 
 @pytest.fixture

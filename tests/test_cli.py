@@ -12,9 +12,9 @@ from click.testing import CliRunner
 from helpers import assert_same_outputs, op_count, run_cli
 
 from bnfold import __version__
-from bnfold.cli import main
+from bnfold.cli.commands import main
 from bnfold.errors import ExitCode
-from bnfold.json_report import SCHEMA, SCHEMA_VERSION
+from bnfold.report_json import SCHEMA, SCHEMA_VERSION
 
 SAMPLES = ["resnet_block.onnx", "convtranspose_decoder.onnx", "mlp_bn.onnx"]
 

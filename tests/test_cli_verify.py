@@ -12,10 +12,10 @@ from helpers import run_cli
 from verify_builders import conv_chain, custom_op_model, int_bool_model, scale_channel
 
 import bnfold
-from bnfold import patterns
-from bnfold.cli import main
+from bnfold.cli.commands import main
 from bnfold.errors import ExitCode
-from bnfold.verify import load_io_file, verify_models
+from bnfold.fold import rules as patterns
+from bnfold.verify.verifier import load_io_file, verify_models
 
 
 def invoke(*args: str):
@@ -150,8 +150,8 @@ def test_save_io_round_trip(chain: str, tmp_path) -> None:
     io = load_io_file(io_path)
     assert len(io["trials"]) == 2
     # reproducible elsewhere: the saved inputs give the saved outputs
-    again = bnfold.verify.Verifier(
-        chain, bnfold.verify.VerifyOptions(inputs=bnfold.inputs.InputOptions(files=[io_path]))
+    again = bnfold.verify.verifier.Verifier(
+        chain, bnfold.verify.verifier.VerifyOptions(inputs=bnfold.verify.inputs.InputOptions(files=[io_path]))
     )
     np.testing.assert_array_equal(again.ref_outputs[1][0], io["trials"][1]["reference"]["output"])
     r = invoke("verify", chain, out, "--inputs", io_path)
@@ -248,7 +248,7 @@ def test_verify_json_matches_schema(chain: str, tmp_path) -> None:
 
     from test_cli import validate
 
-    from bnfold.json_report import SCHEMA
+    from bnfold.report_json import SCHEMA
 
     out = str(tmp_path / "out.onnx")
     assert invoke("fold", chain, "-o", out).exit_code == 0

@@ -14,8 +14,10 @@ from helpers import assert_close, op_count, random_feeds, run, run_cli
 from onnx import TensorProto, helper, numpy_helper
 
 import bnfold
-from bnfold import graph, model_io, tensors, writer
 from bnfold.errors import ModelLoadError, OutputError
+from bnfold.fold import graph
+from bnfold.onnxio import load as model_io
+from bnfold.onnxio import tensors, writer
 
 RNG = np.random.default_rng(7)
 

@@ -1,4 +1,4 @@
-"""Unit tests of bnfold.fold_math against a direct float64 evaluation (tests/reference.py)."""
+"""Unit tests of bnfold.fold.math against a direct float64 evaluation (tests/reference.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import reference as ref
 from builders import Net
 from helpers import run
 
-from bnfold import fold_math as fm
+from bnfold.fold import math as fm
 
 RNG = np.random.default_rng(1234)
 TIGHT = {"rtol": 1e-10, "atol": 1e-10}

@@ -18,7 +18,7 @@ import pytest
 from onnx import TensorProto
 
 from bnfold.errors import ExitCode
-from bnfold.runner import FoldOptions, fold_job
+from bnfold.jobs import FoldOptions, fold_job
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLES = sorted(glob.glob(os.path.join(ROOT, "models", "*.onnx")))

@@ -17,7 +17,7 @@ from click.testing import CliRunner
 from helpers import run_cli
 from onnx import TensorProto, helper, numpy_helper
 
-from bnfold.cli import main
+from bnfold.cli.commands import main
 from bnfold.errors import ExitCode
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -121,7 +121,7 @@ def test_folder_where_a_file_is_expected(tmp_path) -> None:
     assert "folder" in res.output and "Traceback" not in res.output
     assert not (tmp_path / "out.onnx").exists()
     from bnfold.errors import ModelLoadError
-    from bnfold.model_io import load_model
+    from bnfold.onnxio.load import load_model
 
     with pytest.raises(ModelLoadError, match="is a folder"):
         load_model(str(tmp_path / "models.onnx"))
@@ -228,12 +228,12 @@ def test_disk_full_while_writing_leaves_nothing(tmp_path, monkeypatch) -> None:
 
 
 def test_unexpected_exception_is_one_line_bug_report(tmp_path, monkeypatch) -> None:
-    import bnfold.runner
+    import bnfold.jobs
 
     def boom(*a, **k):
         raise ZeroDivisionError("boom")
 
-    monkeypatch.setattr(bnfold.runner, "fold_model", boom)
+    monkeypatch.setattr(bnfold.jobs, "fold_model", boom)
     res = fold(SAMPLE, "-o", str(tmp_path / "o.onnx"))
     assert_one_clear_error(res, ExitCode.INTERNAL, "bug", "--debug")
     res = CliRunner().invoke(main, ["fold", SAMPLE, "-o", str(tmp_path / "o2.onnx"), "--debug"])

@@ -10,7 +10,7 @@ from onnx import TensorProto, helper
 from verify_builders import conv_chain, int_bool_model
 
 from bnfold.errors import ExitCode, InputFileError, InputShapeError, NotVerifiableError
-from bnfold.inputs import (
+from bnfold.verify.inputs import (
     InputOptions,
     InputSpec,
     generate,

@@ -13,7 +13,7 @@ import pytest
 from helpers import assert_close, run, run_cli
 from onnx import TensorProto, helper, numpy_helper
 
-from bnfold import tensors, writer
+from bnfold.onnxio import tensors, writer
 
 C = 8192  # 1x1 Conv weights of C x C float32: 256 MiB each
 LAYERS = 9  # 2.25 GiB of weights in all

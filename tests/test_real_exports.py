@@ -33,7 +33,7 @@ from helpers import session
 from onnx import helper, numpy_helper
 
 import bnfold
-from bnfold.cli import main
+from bnfold.cli.commands import main
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TORCH_DIR = os.path.join(HERE, "fixtures", "torch")

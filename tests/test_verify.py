@@ -21,10 +21,11 @@ from verify_builders import (
 )
 
 import bnfold
-from bnfold import reference, verify
 from bnfold.errors import ExitCode, NotVerifiableError
-from bnfold.inputs import InputOptions, load_npz
-from bnfold.verify import OutputRow, Verifier, VerifyOptions, compare, load_io_file, verify_models
+from bnfold.verify import evaluator as reference
+from bnfold.verify import verifier as verify
+from bnfold.verify.inputs import InputOptions, load_npz
+from bnfold.verify.verifier import OutputRow, Verifier, VerifyOptions, compare, load_io_file, verify_models
 
 
 def _row(atol: float, rtol: float) -> OutputRow:

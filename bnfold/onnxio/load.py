@@ -1,8 +1,8 @@
 """Loading and checking models: one clear error for every bad input, no weights copied.
 
 Loading never reads external tensor data: tensors stay references to the
-input's data files (validated by :func:`bnfold.tensors.check_external_data`),
-and :func:`bnfold.graph.tensor_value` reads the few that a fold needs.  The
+input's data files (validated by :func:`bnfold.onnxio.tensors.check_external_data`),
+and :func:`bnfold.fold.graph.tensor_value` reads the few that a fold needs.  The
 checker runs on a *skeleton* of the model, so it never serializes the weights.
 """
 
@@ -15,8 +15,8 @@ import onnx
 from google.protobuf.message import DecodeError
 from onnx import TensorProto
 
-from .errors import ModelLoadError
-from .tensors import check_external_data, check_tensors, is_external, tensor_nbytes
+from bnfold.errors import ModelLoadError
+from bnfold.onnxio.tensors import check_external_data, check_tensors, is_external, tensor_nbytes
 
 # Location of the data-less stand-ins used to check a model's structure in memory:
 # onnx's checker does not look for files whose location starts with '#'.
@@ -146,7 +146,7 @@ def skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
 
     The onnx checker (and shape inference) on the skeleton sees every node, graph,
     type and shape of the model without a copy of its weights.  (Whether embedded
-    tensors hold enough bytes is :func:`bnfold.tensors.check_tensors`'s job.)
+    tensors hold enough bytes is :func:`bnfold.onnxio.tensors.check_tensors`'s job.)
     """
     sk = onnx.ModelProto()
     for fd, value in model.ListFields():

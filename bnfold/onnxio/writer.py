@@ -26,10 +26,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto
 
-from .atomic import signals_deferred
-from .errors import OutputError
-from .model_io import check_model, check_model_path, copy_field, is_repeated
-from .tensors import (
+from bnfold.errors import OutputError
+from bnfold.onnxio.fsutil import signals_deferred
+from bnfold.onnxio.load import check_model, check_model_path, copy_field, is_repeated
+from bnfold.onnxio.tensors import (
     PACKED_BITS,
     PENDING,
     external_data_files,

@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from .errors import ModelLoadError
+from bnfold.errors import ModelLoadError
 
 # Sub-byte element types: bits per element (packed in raw data).
 PACKED_BITS = {
@@ -34,7 +34,7 @@ PACKED_BITS = {
 }
 
 
-# Data files still being written by a :class:`bnfold.writer.DataSink`, by the
+# Data files still being written by a :class:`bnfold.onnxio.writer.DataSink`, by the
 # marker location their tensors carry until the output is written.
 PENDING: dict[str, object] = {}
 

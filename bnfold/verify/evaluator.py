@@ -24,8 +24,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from . import constants
-from .errors import NotVerifiableError
+from bnfold.errors import NotVerifiableError
+from bnfold.fold import consteval as constants
 
 F64 = np.float64
 Op = Callable[[onnx.NodeProto, list, int], list]

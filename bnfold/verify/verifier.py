@@ -6,7 +6,7 @@ Models run in onnxruntime's CPU provider with ``ORT_DISABLE_ALL``: at any higher
 level onnxruntime fuses Conv+BN itself, and the comparison would check its fold
 against ours instead of the original graph.  When onnxruntime has no kernel for
 an op (float64 or bfloat16 Conv on CPU) both models run in
-:mod:`bnfold.reference` instead.
+:mod:`bnfold.verify.evaluator` instead.
 
 An element passes when ``|a - b| <= atol + rtol * |a|`` (``a`` the reference).
 float16 and bfloat16 are compared after widening (float64 arithmetic); NaN in
@@ -35,9 +35,9 @@ import ml_dtypes
 import numpy as np
 import onnx
 
-from .errors import NotVerifiableError, OutputError
-from .inputs import SAVE_IO_MARKER, Feed, InputOptions, InputPlan, graph_inputs, make_inputs
-from .reference import Evaluator
+from bnfold.errors import NotVerifiableError, OutputError
+from bnfold.verify.evaluator import Evaluator
+from bnfold.verify.inputs import SAVE_IO_MARKER, Feed, InputOptions, InputPlan, graph_inputs, make_inputs
 
 # In-memory models bigger than this are written to disk and run by path (protobuf caps at 2 GiB).
 BY_PATH_BYTES = 1 << 30
@@ -665,7 +665,7 @@ def save_io_file(
     """Write the inputs of every trial and both models' outputs to one ``.npz``.
 
     Keys: ``trial{k}/input/{name}``, ``trial{k}/reference/{output}``,
-    ``trial{k}/candidate/{output}``, and :data:`~bnfold.inputs.SAVE_IO_MARKER`
+    ``trial{k}/candidate/{output}``, and :data:`~bnfold.verify.inputs.SAVE_IO_MARKER`
     (JSON: trial count, sources, dtypes of bfloat16 arrays, stored as float32).
     ``--inputs`` reads such a file back as its trials' inputs.
     """

@@ -15,10 +15,10 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .engine import FoldResult, fold_model
-from .model_io import load_model
-from .report import Fold
-from .verify import ModelSource, Verifier, VerifyOptions, VerifyReport
+from bnfold.fold.engine import FoldResult, fold_model
+from bnfold.fold.report import Fold
+from bnfold.onnxio.load import load_model
+from bnfold.verify.verifier import ModelSource, Verifier, VerifyOptions, VerifyReport
 
 # Verification runs one blame may spend (a fold list of n with c culprits needs about 2*c*log2(n)).
 MAX_CHECKS = 200

@@ -17,10 +17,10 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from . import constants
-from .errors import ModelLoadError
-from .tensors import read_external
-from .writer import DataSink
+from bnfold.errors import ModelLoadError
+from bnfold.fold import consteval as constants
+from bnfold.onnxio.tensors import read_external
+from bnfold.onnxio.writer import DataSink
 
 _MISSING = object()
 

@@ -32,7 +32,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from .errors import InputFileError, InputShapeError, NotVerifiableError
+from bnfold.errors import InputFileError, InputShapeError, NotVerifiableError
 
 DEFAULT_INT_RANGE: tuple[int, int] = (0, 9)
 DEFAULT_TRIALS = 3

@@ -5,7 +5,7 @@ or Div by a per-channel constant (frozen BN exported as arithmetic).  Each
 pattern is one function ``(view, affine, neighbour) -> pattern name`` that
 either rewrites the graph or raises :class:`Rejected` with a reason code, and
 one line in :data:`PRODUCER_FOLDS` or :data:`CONSUMER_FOLDS`.  The weight math
-lives in :mod:`bnfold.fold_math`.
+lives in :mod:`bnfold.fold.math`.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from . import fold_math as fm
-from .graph import GraphView
-from .report import Reason
+from bnfold.fold import math as fm
+from bnfold.fold.graph import GraphView
+from bnfold.fold.report import Reason
 
 AFFINE_OPS = ("BatchNormalization", "Mul", "Add", "Sub", "Div")
 

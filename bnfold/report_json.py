@@ -11,9 +11,9 @@ import os
 import tempfile
 from typing import Any
 
-from . import __version__
-from .errors import ExitCode
-from .runner import STATUS, ModelOutcome
+from bnfold import __version__
+from bnfold.errors import ExitCode
+from bnfold.jobs import STATUS, ModelOutcome
 
 SCHEMA_VERSION = 1
 

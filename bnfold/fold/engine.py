@@ -7,8 +7,9 @@ from dataclasses import dataclass
 
 import onnx
 
-from .graph import GraphView, ModelContext, all_names, infer_value_types, subgraphs
-from .patterns import (
+from bnfold.fold.graph import GraphView, ModelContext, all_names, infer_value_types, subgraphs
+from bnfold.fold.report import Fold, FoldReport, Reason, Skip
+from bnfold.fold.rules import (
     CONSUMER_FOLDS,
     PRODUCER_FOLDS,
     Affine,
@@ -19,8 +20,7 @@ from .patterns import (
     read_affine,
     require_private_output,
 )
-from .report import Fold, FoldReport, Reason, Skip
-from .writer import DataSink
+from bnfold.onnxio.writer import DataSink
 
 MAX_PASSES = 50
 
@@ -74,7 +74,7 @@ def fold_model(
         only: fold only these affine nodes: a predicate ``(name, graph_path) -> bool``
             or a collection of display names (``Fold.node``); the others are left,
             BNs with reason ``excluded``.  None folds everything.
-        sink: a :class:`bnfold.writer.DataSink`: big folded values are written to it
+        sink: a :class:`bnfold.onnxio.writer.DataSink`: big folded values are written to it
             at once instead of into the model (for outputs with external data).
 
     Returns:

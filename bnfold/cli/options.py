@@ -2,7 +2,7 @@
 
 Decorate a click command with :func:`verify_options` (tolerances and inputs) or
 :func:`fold_verify_options` (those plus ``--no-verify``/``--keep-safe``), take the
-values as ``**verify_kw`` and turn them into a :class:`~bnfold.verify.VerifyOptions`
+values as ``**verify_kw`` and turn them into a :class:`~bnfold.verify.verifier.VerifyOptions`
 with :func:`verify_options_from`.
 """
 
@@ -13,10 +13,10 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from .inputs import DEFAULT_INT_RANGE, DEFAULT_TRIALS, InputOptions, parse_input_shape, parse_int_range
+from bnfold.verify.inputs import DEFAULT_INT_RANGE, DEFAULT_TRIALS, InputOptions, parse_input_shape, parse_int_range
 
 if TYPE_CHECKING:
-    from .verify import VerifyOptions
+    from bnfold.verify.verifier import VerifyOptions
 
 # Keyword names the decorators add (popped by verify_options_from).
 VERIFY_PARAMS = ("atol", "rtol", "seed", "trials", "input_shape", "input_range", "inputs", "save_io")
@@ -124,6 +124,6 @@ def verify_options_from(params: dict[str, Any]) -> VerifyOptions:
         int_range=p["input_range"] or DEFAULT_INT_RANGE,
         files=list(p["inputs"] or ()),
     )
-    from .verify import VerifyOptions  # imported only when a command verifies
+    from bnfold.verify.verifier import VerifyOptions  # imported only when a command verifies
 
     return VerifyOptions(atol=p["atol"], rtol=p["rtol"], inputs=inputs, save_io=p["save_io"])

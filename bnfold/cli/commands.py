@@ -1,4 +1,4 @@
-"""The ``bnfold`` command line: a thin layer over :mod:`bnfold.runner`.
+"""The ``bnfold`` command line: a thin layer over :mod:`bnfold.jobs`.
 
 Results go to stdout (or one JSON document with ``--json``); progress, logs and
 errors go to stderr.  Every command exits with a code from one table
@@ -19,11 +19,12 @@ from typing import Any
 
 import click
 
-from . import __version__, json_report
-from .cli_options import fold_verify_options, verify_options, verify_options_from
-from .errors import EXIT_CODE_TABLE, ExitCode
-from .runner import FoldOptions, ModelOutcome, check_job, fold_job, verify_job, worst
-from .writer import DEFAULT_SIZE_THRESHOLD
+from bnfold import __version__
+from bnfold import report_json as json_report
+from bnfold.cli.options import fold_verify_options, verify_options, verify_options_from
+from bnfold.errors import EXIT_CODE_TABLE, ExitCode
+from bnfold.jobs import FoldOptions, ModelOutcome, check_job, fold_job, verify_job, worst
+from bnfold.onnxio.writer import DEFAULT_SIZE_THRESHOLD
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 

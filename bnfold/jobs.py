@@ -15,14 +15,14 @@ import traceback
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .engine import FoldResult, fold_model
-from .errors import BnfoldError, ExitCode, ModelLoadError, NotVerifiableError, OutputError, VerificationError
-from .model_io import check_model, load_model
-from .tensors import external_data_files
-from .writer import DEFAULT_SIZE_THRESHOLD, DataSink, plan_layout, write_model
+from bnfold.errors import BnfoldError, ExitCode, ModelLoadError, NotVerifiableError, OutputError, VerificationError
+from bnfold.fold.engine import FoldResult, fold_model
+from bnfold.onnxio.load import check_model, load_model
+from bnfold.onnxio.tensors import external_data_files
+from bnfold.onnxio.writer import DEFAULT_SIZE_THRESHOLD, DataSink, plan_layout, write_model
 
 if TYPE_CHECKING:  # the verification stack is imported when a job verifies (--no-verify skips it)
-    from .verify import VerifyOptions
+    from bnfold.verify.verifier import VerifyOptions
 
 STATUS = {
     ExitCode.OK: "ok",
@@ -244,7 +244,7 @@ def _verify_hook(path: str, result: FoldResult, opts: FoldOptions, outcome: Mode
     def hook(candidate: str) -> None:
         started = time.perf_counter()
         try:
-            from .blame import verify_fold
+            from bnfold.verify.blame import verify_fold
 
             checked = verify_fold(
                 path,
@@ -280,7 +280,7 @@ def verify_job(reference: str, candidate: str, options: VerifyOptions, debug: bo
         ref, cand = load_model(reference), load_model(candidate)
         outcome.size_before, outcome.size_after = disk_size(reference, ref), disk_size(candidate, cand)
         clock.lap("load")
-        from .verify import verify_models
+        from bnfold.verify.verifier import verify_models
 
         rep = verify_models(reference, candidate, options)
         clock.lap("verify")

@@ -1,0 +1,1 @@
+"""Verification: inputs, running models in onnxruntime or numpy, comparison, blame."""
