@@ -15,8 +15,9 @@ import traceback
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from bnfold.api import fold_model
 from bnfold.errors import BnfoldError, ExitCode, ModelLoadError, NotVerifiableError, OutputError, VerificationError
-from bnfold.fold.engine import FoldResult, fold_model
+from bnfold.fold.engine import FoldResult
 from bnfold.onnxio.load import check_model, load_model
 from bnfold.onnxio.tensors import external_data_files
 from bnfold.onnxio.writer import DEFAULT_SIZE_THRESHOLD, DataSink, plan_layout, write_model

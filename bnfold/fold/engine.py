@@ -7,7 +7,15 @@ from dataclasses import dataclass
 
 import onnx
 
-from bnfold.fold.graph import GraphView, ModelContext, all_names, infer_value_types, subgraphs
+from bnfold.fold.graph import (
+    ExternalReader,
+    GraphView,
+    ModelContext,
+    ValueSink,
+    all_names,
+    infer_value_types,
+    subgraphs,
+)
 from bnfold.fold.report import Fold, FoldReport, Reason, Skip
 from bnfold.fold.rules import (
     CONSUMER_FOLDS,
@@ -20,7 +28,6 @@ from bnfold.fold.rules import (
     read_affine,
     require_private_output,
 )
-from bnfold.onnxio.writer import DataSink
 
 MAX_PASSES = 50
 
@@ -58,10 +65,10 @@ def fold_model(
     model: onnx.ModelProto,
     *,
     freeze_initializer_inputs: bool = False,
-    base_dir: str | None = None,
+    read_external: ExternalReader | None = None,
     copy: bool = True,
     only: Selector | Collection[str] | None = None,
-    sink: DataSink | None = None,
+    sink: ValueSink | None = None,
 ) -> FoldResult:
     """Fold every foldable BatchNormalization (and per-channel Mul/Add/Sub/Div) in ``model``.
 
@@ -69,12 +76,13 @@ def fold_model(
         model: the model; left untouched unless ``copy`` is False.
         freeze_initializer_inputs: treat initializers that are also graph inputs
             (overridable at run time in IR >= 4) as constants.
-        base_dir: folder that external-data locations are relative to.
+        read_external: reads one external tensor's bytes (the I/O layer validates the
+            location); needed only when a fold reads an externally stored tensor.
         copy: work on a copy (default); False folds ``model`` in place.
         only: fold only these affine nodes: a predicate ``(name, graph_path) -> bool``
             or a collection of display names (``Fold.node``); the others are left,
             BNs with reason ``excluded``.  None folds everything.
-        sink: a :class:`bnfold.onnxio.writer.DataSink`: big folded values are written to it
+        sink: a :class:`ValueSink` (the writer's data sink): big folded values are written to it
             at once instead of into the model (for outputs with external data).
 
     Returns:
@@ -92,7 +100,7 @@ def fold_model(
     ctx = ModelContext(
         opset=default_opset(out),
         ir_version=out.ir_version,
-        base_dir=base_dir,
+        read_external=read_external,
         freeze_initializer_inputs=freeze_initializer_inputs,
         value_types=infer_value_types(out),
         used_names=all_names(out.graph),

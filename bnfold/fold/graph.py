@@ -7,11 +7,11 @@ Structural edits (removing and inserting nodes) are queued and applied once by
 from __future__ import annotations
 
 import math
-import os
 import sys
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 import onnx
@@ -19,10 +19,19 @@ from onnx import numpy_helper
 
 from bnfold.errors import ModelLoadError
 from bnfold.fold import consteval as constants
-from bnfold.onnxio.tensors import read_external
-from bnfold.onnxio.writer import DataSink
 
 _MISSING = object()
+
+# Reads the bytes of one external tensor (location and bounds validated by the caller's I/O layer).
+ExternalReader = Callable[[onnx.TensorProto], bytes]
+
+
+class ValueSink(Protocol):
+    """Where big folded values go instead of into the model (the output's data file)."""
+
+    def put(self, t: onnx.TensorProto, value: np.ndarray, name: str) -> bool:
+        """Take ``value`` as tensor ``name``, making ``t`` a reference to it; False to embed it."""
+        ...
 
 
 def subgraphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
@@ -51,7 +60,7 @@ class ModelContext:
 
     opset: int
     ir_version: int
-    base_dir: str | None = None
+    read_external: ExternalReader | None = None  # None: the model has no external data
     freeze_initializer_inputs: bool = False
     value_types: dict[str, onnx.TypeProto] = field(default_factory=dict)
     used_names: set[str] = field(default_factory=set)
@@ -59,7 +68,7 @@ class ModelContext:
     # (Conv -> BN -> Mul -> Add): the next fold starts from them, so each weight is
     # rounded once, at the end of its chain.
     exact: dict[str, np.ndarray] = field(default_factory=dict)
-    sink: DataSink | None = None  # where big folded values go when the output has external data
+    sink: ValueSink | None = None  # where big folded values go (the output's data file)
 
     def fresh_name(self, base: str) -> str:
         """A tensor name not used anywhere in the model."""
@@ -169,7 +178,7 @@ class GraphView:
         if name in self.initializers:
             if self.is_overridable(name):
                 return None
-            return tensor_value(self.initializers[name], self.ctx.base_dir)
+            return tensor_value(self.initializers[name], self.ctx.read_external)
         node = self.producer.get(name)
         if node is None:
             if name in self.inputs or self.outer is None:
@@ -178,7 +187,7 @@ class GraphView:
         if node.op_type == "Constant":
             for a in node.attribute:
                 if a.name == "value" and a.t.data_location == onnx.TensorProto.EXTERNAL:
-                    return tensor_value(a.t, self.ctx.base_dir)  # saved with convert_attribute=True
+                    return tensor_value(a.t, self.ctx.read_external)  # saved with convert_attribute=True
             return constants.evaluate(node, [], self.ctx.opset)
         if node.op_type not in constants.EVALUATORS or list(node.output).index(name) != 0:
             return None
@@ -383,7 +392,7 @@ class GraphView:
                     del self.graph.value_info[i]
 
 
-def set_tensor_value(t: onnx.TensorProto, value: np.ndarray, name: str, sink: DataSink | None = None) -> None:
+def set_tensor_value(t: onnx.TensorProto, value: np.ndarray, name: str, sink: ValueSink | None = None) -> None:
     """Make ``t`` the tensor ``name`` holding ``value`` (replacing any external reference).
 
     With a ``sink``, a big value is written to the sink's data file and ``t`` refers to
@@ -412,23 +421,25 @@ _SIMPLE_DTYPES = {
 }
 
 
-def tensor_value(t: onnx.TensorProto, base_dir: str | None) -> np.ndarray:
-    """numpy value of an initializer, reading external data from ``base_dir`` when needed.
+def tensor_value(t: onnx.TensorProto, read_external: ExternalReader | None) -> np.ndarray:
+    """numpy value of an initializer, reading external data with ``read_external`` when needed.
 
     Raises:
         ModelLoadError: the tensor's data does not match its dtype and shape.
     """
     try:
-        return _tensor_value(t, base_dir)
+        return _tensor_value(t, read_external)
     except (ValueError, KeyError, TypeError) as e:
         raise ModelLoadError(f"invalid model: tensor '{t.name}': {e}") from e
 
 
-def _tensor_value(t: onnx.TensorProto, base_dir: str | None) -> np.ndarray:
+def _tensor_value(t: onnx.TensorProto, read_external: ExternalReader | None) -> np.ndarray:
     if t.data_location != onnx.TensorProto.EXTERNAL:
         return numpy_helper.to_array(t)
-    # Read only this tensor's bytes (validated location and bounds), never the whole file.
-    raw = read_external(t, base_dir or os.getcwd())
+    if read_external is None:
+        raise ValueError("its data is external and no reader was given")
+    # Only this tensor's bytes, never the whole file.
+    raw = read_external(t)
     if sys.byteorder == "little" and t.data_type in _FROMBUFFER_TYPES:
         dtype = onnx.helper.tensor_dtype_to_np_dtype(t.data_type)
         return np.frombuffer(raw, dtype=dtype).reshape(tuple(t.dims))

@@ -15,7 +15,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from bnfold.fold.engine import FoldResult, fold_model
+from bnfold.api import fold_model
+from bnfold.fold.engine import FoldResult
 from bnfold.fold.report import Fold
 from bnfold.onnxio.load import load_model
 from bnfold.verify.verifier import ModelSource, Verifier, VerifyOptions, VerifyReport
