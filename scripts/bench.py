@@ -26,12 +26,23 @@ Peers that are not installed are skipped with a note.  Latency is onnxruntime's
 (CPU) best run time of the original and of bnfold's output at ``ORT_DISABLE_ALL``
 and ``ORT_ENABLE_ALL``, both sessions in one process with their runs interleaved
 (twice, in both orders).
-One markdown table is printed.
+One markdown table is printed, then the goals of the speed work as ratios in one run:
+
+  start-up       ``bnfold --help`` / ``--version`` against ``python -c "import click"`` (goal <= 2x)
+  fold           resnet50 ``fold --no-verify`` against the load+save floor (goal <= 1.05x);
+                 the model over 2 GB against ``cp`` of its files + ``sync`` (goal <= 1.5x), peak
+                 RSS against its size (goal < 0.2x)
+  verification   ``timings.verify`` of ``bnfold fold --json`` against two bare onnxruntime
+                 sessions (original at ORT_DISABLE_ALL, folded) with the same runs (goal <= 1.1x)
+  scaling        check and fold-with-verification time of generated graphs at N and 2N nodes
+                 (chain, one tensor read by N nodes, Mul chain of unknown rank, N graph inputs):
+                 the growth per doubling (goal about 2x, linear)
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import os
@@ -215,6 +226,20 @@ else:
     onnx.save(m, dst)
 """
 
+# The console script's own code path (``bnfold`` = ``from bnfold.cli import main; main()``).
+BNFOLD = "import sys; from bnfold.cli import main; sys.argv[0] = 'bnfold'; sys.exit(main())"
+
+# ``cp`` of the model and its data files, then ``sync``: the disk floor of a model with external data.
+COPY = """
+import os, shutil, subprocess, sys, onnx
+src, dst = sys.argv[1], sys.argv[2]
+m = onnx.load(src, load_external_data=False)
+locs = {e.value for t in onnx.external_data_helper._get_all_tensors(m) for e in t.external_data if e.key == "location"}
+files = [src] + [os.path.join(os.path.dirname(src), loc) for loc in locs]
+subprocess.run(["cp", *files, os.path.dirname(dst)], check=True)
+subprocess.run(["sync"], check=True)
+"""
+
 LATENCY = """
 import json, sys, time
 import numpy as np, onnxruntime as ort
@@ -271,7 +296,9 @@ def command(tool: str, src: str, dst: str, external: bool) -> list[str]:
     if tool == "floor":
         return [py, "-c", FLOOR, src, dst, "1" if external else "0"]
     if tool == "bnfold":
-        return [py, "-m", "bnfold", "fold", src, "-o", dst, "--no-verify"]
+        return [py, "-c", BNFOLD, "fold", src, "-o", dst, "--no-verify"]
+    if tool == "copy":
+        return [py, "-c", COPY, src, dst]
     if tool == "onnxoptimizer":
         return [py, "-m", "onnxoptimizer", src, dst, "-p", "fuse_bn_into_conv"]
     if tool == "onnxsim":
@@ -330,6 +357,8 @@ def bench_model(label: str, path: str, tools: list[str], repeat: int, timeout: f
     del m
     outs = os.path.join(os.path.dirname(os.path.abspath(path)), "out")
     reps = 1 if row.size > (1 << 31) else repeat
+    if external:
+        tools = [*tools, "copy"]  # the disk floor: cp of its files + sync
     for tool in tools:
         row.tools[tool] = Run()
     for _ in range(reps):
@@ -372,7 +401,7 @@ def _mb(n: float) -> str:
 
 
 def table(rows: list[Row], tools: list[str]) -> str:
-    peers = [t for t in tools if t not in ("floor", "bnfold")]
+    peers = [t for t in tools if t not in ("floor", "bnfold", "copy")]
     head = ["model", "size", "BN", "I/O floor", "bnfold (x floor)"]
     head += [f"{p} (bnfold/{p})" for p in peers]
     head += ["ORT DISABLE_ALL orig -> folded", "ORT ENABLE_ALL orig -> folded", "file orig -> folded"]
@@ -402,6 +431,187 @@ def table(rows: list[Row], tools: list[str]) -> str:
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------------------
+# Goals: start-up, verification cost, scaling
+# ---------------------------------------------------------------------------
+
+
+def best_wall(cmd: list[str], repeat: int, timeout: float, ok: tuple[int, ...] = (0,)) -> tuple[float, str]:
+    """Best wall time of ``cmd`` over ``repeat`` fresh runs, and the error of a failed run."""
+    best = float("inf")
+    for _ in range(repeat):
+        wall, _rss, code, tail = run_once(cmd, timeout)
+        if code not in ok:
+            return float("nan"), tail or f"exit {code}"
+        best = min(best, wall)
+    return best, ""
+
+
+def startup(repeat: int, timeout: float) -> list[tuple[str, float, float]]:
+    """(what, seconds, ratio to ``import click``) for ``bnfold --help`` and ``--version``."""
+    py = sys.executable
+    floor, _ = best_wall([py, "-c", "import click"], repeat, timeout)
+    out = [("python -c 'import click'", floor, 1.0)]
+    for arg in ("--help", "--version"):
+        wall, _ = best_wall([py, "-c", BNFOLD, arg], repeat, timeout)
+        out.append((f"bnfold {arg}", wall, wall / floor))
+    return out
+
+
+# Two bare onnxruntime sessions (original at ORT_DISABLE_ALL, folded at the default level)
+# with the same runs as bnfold's verification: import, session creation and runs, timed
+# from before ``import onnxruntime`` as bnfold's ``timings.verify`` is.
+BARE_VERIFY = """
+import json, sys, time
+t = time.perf_counter()
+import numpy as np, onnxruntime as ort
+orig, folded, trials = sys.argv[1], sys.argv[2], int(sys.argv[3])
+ref = ort.SessionOptions()
+ref.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+a = ort.InferenceSession(orig, ref, providers=["CPUExecutionProvider"])
+b = ort.InferenceSession(folded, providers=["CPUExecutionProvider"])
+rng = np.random.default_rng(0)
+types = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
+for _ in range(trials):
+    feeds = {i.name: rng.standard_normal([d if isinstance(d, int) else 1 for d in i.shape]).astype(types[i.type])
+             for i in a.get_inputs()}
+    a.run(None, feeds)
+    b.run(None, feeds)
+print(json.dumps(time.perf_counter() - t))
+"""
+
+
+def verification_cost(path: str, work: str, repeat: int, timeout: float) -> tuple[float, float, int]:
+    """(bnfold's ``timings.verify``, the bare sessions' time, trials), best of ``repeat``."""
+    from bnfold.verify.inputs import DEFAULT_TRIALS
+
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    out = os.path.join(work, "verified.onnx")
+    ours, bare = float("inf"), float("inf")
+    for _ in range(repeat):
+        p = subprocess.run(
+            [sys.executable, "-c", BNFOLD, "fold", path, "-o", out, "--force", "--json"],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=timeout,
+            check=False,
+        )
+        try:
+            ours = min(ours, float(json.loads(p.stdout)["models"][0]["timings"]["verify"]))
+        except (ValueError, KeyError, IndexError, TypeError):
+            return float("nan"), float("nan"), DEFAULT_TRIALS
+        q = subprocess.run(
+            [sys.executable, "-c", BARE_VERIFY, path, out, str(DEFAULT_TRIALS)],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+        bare = min(bare, float(json.loads(q.stdout)) if q.returncode == 0 else float("nan"))
+    return ours, bare, DEFAULT_TRIALS
+
+
+def _graph(nodes: list, inits: list, inputs: list, outputs: list) -> onnx.ModelProto:
+    g = helper.make_graph(nodes, "scale", inputs, outputs, inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="bnfold-bench")
+    m.ir_version = IR_VERSION
+    return m
+
+
+def _bn_inits(prefix: str, c: int, rng: np.random.Generator) -> list[onnx.TensorProto]:
+    vals = [rng.uniform(0.5, 1.5, c), rng.normal(0, 0.1, c), rng.normal(0, 0.5, c), rng.uniform(0.5, 2.0, c)]
+    return [numpy_helper.from_array(v.astype(np.float32), f"{prefix}.{k}") for v, k in zip(vals, BN_KEYS, strict=True)]
+
+
+BN_KEYS = ("scale", "bias", "mean", "var")
+
+
+def scaling_model(kind: str, n: int, seed: int = 0) -> onnx.ModelProto:
+    """A generated graph of about ``n`` nodes for the scaling table."""
+    rng = np.random.default_rng(seed)
+    f = TensorProto.FLOAT
+    c = 2
+    nodes, inits = [], []
+    if kind == "chain":  # Conv 1x1 + BN + Relu, repeated: n nodes, n/3 folds
+        x = "x"
+        for i in range(n // 3):
+            w = numpy_helper.from_array((rng.standard_normal((c, c, 1, 1)) * 0.5).astype(np.float32), f"w{i}")
+            inits += [w, *_bn_inits(f"bn{i}", c, rng)]
+            nodes.append(helper.make_node("Conv", [x, f"w{i}"], [f"c{i}"], name=f"conv{i}"))
+            nodes.append(
+                helper.make_node(
+                    "BatchNormalization", [f"c{i}", *[f"bn{i}.{k}" for k in BN_KEYS]], [f"b{i}"], name=f"bn{i}"
+                )
+            )
+            nodes.append(helper.make_node("Relu", [f"b{i}"], [f"r{i}"], name=f"relu{i}"))
+            x = f"r{i}"
+        nodes.append(helper.make_node("Identity", [x], ["y"], name="out"))
+        return _graph(
+            nodes,
+            inits,
+            [helper.make_tensor_value_info("x", f, [1, c, 2, 2])],
+            [helper.make_tensor_value_info("y", f, [1, c, 2, 2])],
+        )
+    if kind == "fan-out":  # one Conv output read by n Muls, summed
+        inits.append(numpy_helper.from_array(rng.standard_normal((c, c, 1, 1)).astype(np.float32), "w"))
+        nodes.append(helper.make_node("Conv", ["x", "w"], ["c"], name="conv"))
+        for i in range(n):
+            inits.append(numpy_helper.from_array(rng.uniform(0.5, 1.5, (1, c, 1, 1)).astype(np.float32), f"m{i}"))
+            nodes.append(helper.make_node("Mul", ["c", f"m{i}"], [f"p{i}"], name=f"mul{i}"))
+        nodes.append(helper.make_node("Sum", [f"p{i}" for i in range(n)], ["y"], name="sum"))
+        return _graph(
+            nodes,
+            inits,
+            [helper.make_tensor_value_info("x", f, [1, c, 2, 2])],
+            [helper.make_tensor_value_info("y", f, [1, c, 2, 2])],
+        )
+    if kind == "mul-chain":  # Mul by a scalar, n times, on a tensor of unknown rank
+        # Squeeze by axes computed at run time (always [0]): shape inference cannot know the rank.
+        inits += [numpy_helper.from_array(np.array([v], np.int64), k) for k, v in (("zero", 0), ("one", 1))]
+        nodes += [
+            helper.make_node("Shape", ["x"], ["shape"], name="shape"),
+            helper.make_node("Slice", ["shape", "zero", "one"], ["dim0"], name="slice"),
+            helper.make_node("Sub", ["dim0", "dim0"], ["axes"], name="axes"),
+            helper.make_node("Squeeze", ["x", "axes"], ["m"], name="squeeze"),
+        ]
+        x = "m"
+        for i in range(n):
+            inits.append(numpy_helper.from_array(np.array(1.0 + 1e-3 * rng.standard_normal(), np.float32), f"k{i}"))
+            nodes.append(helper.make_node("Mul", [x, f"k{i}"], [f"m{i}"], name=f"mul{i}"))
+            x = f"m{i}"
+        nodes.append(helper.make_node("Identity", [x], ["y"], name="out"))
+        y = helper.make_tensor_value_info("y", f, [c])  # graph outputs need a shape; the chain has none
+        return _graph(nodes, inits, [helper.make_tensor_value_info("x", f, [1, c])], [y])
+    if kind == "inputs":  # n graph inputs, each through a Relu into a Sum
+        ins = [helper.make_tensor_value_info(f"x{i}", f, [1, c]) for i in range(n)]
+        nodes = [helper.make_node("Relu", [f"x{i}"], [f"r{i}"], name=f"relu{i}") for i in range(n)]
+        nodes.append(helper.make_node("Sum", [f"r{i}" for i in range(n)], ["y"], name="sum"))
+        return _graph(nodes, [], ins, [helper.make_tensor_value_info("y", f, [1, c])])
+    raise ValueError(kind)
+
+
+SCALING = ("chain", "fan-out", "mul-chain", "inputs")
+
+
+def scaling(sizes: list[int], work: str, timeout: float) -> list[tuple[str, int, float, float]]:
+    """(kind, n, check seconds, fold-with-verification seconds) for every kind and size."""
+    rows = []
+    for kind in SCALING:
+        for n in sizes:
+            path = os.path.join(work, f"{kind}-{n}.onnx")
+            onnx.save(scaling_model(kind, n), path)
+            py = sys.executable
+            # check exits 1 when something is foldable: a result, not a failure
+            check, _ = best_wall([py, "-c", BNFOLD, "check", path, "-q"], 1, timeout, ok=(0, 1))
+            fold, _ = best_wall([py, "-c", BNFOLD, "fold", path, "-o", path + ".out.onnx", "--force", "-q"], 1, timeout)
+            rows.append((kind, n, check, fold))
+            for p in (path, path + ".out.onnx"):
+                with contextlib.suppress(OSError):
+                    os.remove(p)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=BUILT, help="built model names or paths to .onnx files")
@@ -410,6 +620,10 @@ def main() -> None:
     ap.add_argument("--keep", action="store_true", help="keep the work folder")
     ap.add_argument("--timeout", type=float, default=900, help="seconds per tool run")
     ap.add_argument("--latency-budget", type=float, default=4.0, help="seconds of onnxruntime runs per measure")
+    ap.add_argument("--no-goals", action="store_true", help="only the model table: no start-up, verification, scaling")
+    ap.add_argument(
+        "--scale-sizes", type=int, nargs="+", default=[25000, 50000, 100000], help="node counts of the scaling table"
+    )
     args = ap.parse_args()
 
     installed = peers_installed()
@@ -455,6 +669,70 @@ def main() -> None:
             print(f"Note: {p} is not installed: skipped.")
     print()
     print(table(rows, tools))
+    if args.no_goals:
+        return
+    print()
+    print(goals(rows, args, work_root=args.workdir))
+
+
+def goals(rows: list[Row], args: argparse.Namespace, work_root: str | None) -> str:
+    """The speed goals as ratios measured in this run, then the scaling table."""
+    work = tempfile.mkdtemp(prefix="bnfold-goals-", dir=work_root)
+    lines = ["| goal | measured | ratio | target |", "|---|---|---|---|"]
+    try:
+        print("measuring start-up ...", file=sys.stderr, flush=True)
+        st = startup(max(args.repeat, 5), args.timeout)
+        floor = st[0][1]
+        for what, wall, ratio in st[1:]:
+            lines.append(
+                f"| {what} vs `python -c 'import click'` | {wall:.3f} s vs {floor:.3f} s | {ratio:.2f}x | <= 2x |"
+            )
+        by = {r.name: r for r in rows}
+        r = by.get("resnet50")
+        if r and not r.tools["bnfold"].error:
+            a, f = r.tools["bnfold"], r.tools["floor"]
+            lines.append(
+                f"| resnet50 `fold --no-verify` vs load+save | {a.wall:.3f} s vs {f.wall:.3f} s "
+                f"| {a.wall / f.wall:.2f}x | <= 1.05x |"
+            )
+        r = by.get("convnet-2g3")
+        if r and not r.tools["bnfold"].error and "copy" in r.tools:
+            a, c = r.tools["bnfold"], r.tools["copy"]
+            vs = f"{a.wall:.2f} s vs {c.wall:.2f} s"
+            lines.append(f"| convnet-2g3 fold vs `cp` + `sync` | {vs} | {a.wall / c.wall:.2f}x | <= 1.5x |")
+            vs = f"{_mb(a.rss)} vs {_mb(r.size)}"
+            lines.append(f"| convnet-2g3 peak RSS vs model size | {vs} | {a.rss / r.size:.2f}x | < 0.2x |")
+        print("measuring verification ...", file=sys.stderr, flush=True)
+        model = build("resnet50", os.path.join(work, "verify"))
+        ours, bare, trials = verification_cost(model, os.path.join(work, "verify"), args.repeat, args.timeout)
+        lines.append(
+            f"| resnet50 verification vs two bare sessions, {trials} runs each | {ours:.3f} s vs {bare:.3f} s "
+            f"| {ours / bare:.2f}x | <= 1.1x |"
+        )
+        shutil.rmtree(os.path.join(work, "verify"), ignore_errors=True)
+        print("measuring scaling ...", file=sys.stderr, flush=True)
+        sc = scaling(sorted(args.scale_sizes), work, args.timeout)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    out = [
+        "Goals (this run):",
+        "",
+        *lines,
+        "",
+        "Scaling (one run each; growth = time at 2N / time at N, linear is 2x):",
+        "",
+    ]
+    out += ["| graph | N | check | growth | fold + verify | growth |", "|---|---|---|---|---|---|"]
+    prev: dict[str, tuple[int, float, float]] = {}
+    for kind, n, check, fold in sc:
+        g1 = g2 = ""
+        if kind in prev:
+            pn, pc, pf = prev[kind]
+            k = np.log2(n / pn)  # growth normalized to one doubling
+            g1, g2 = f"{(check / pc) ** (1 / k):.2f}x", f"{(fold / pf) ** (1 / k):.2f}x"
+        prev[kind] = (n, check, fold)
+        out.append(f"| {kind} | {n:,} | {check:.2f} s | {g1} | {fold:.2f} s | {g2} |")
+    return "\n".join(out)
 
 
 def _version(pkg: str) -> str:

@@ -45,13 +45,37 @@ def _bias(b: np.ndarray | None, n: int) -> np.ndarray:
 _NATIVE_FLOATS = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 
 
+# float64 elements per block of a weight product: 512 KiB, so the float64 temporary stays
+# in cache and is reused, never a full-size float64 copy of a large weight.
+_BLOCK = 1 << 16
+
+
 def _multiply(a: np.ndarray, b: np.ndarray, out_dtype: np.dtype | None) -> np.ndarray:
-    """``a * b`` computed in float64; the result in ``out_dtype`` (rounded once) or float64."""
+    """``a * b`` computed in float64; the result in ``out_dtype`` (rounded once) or float64.
+
+    With a native float ``out_dtype`` the product runs block by block along the first
+    axis through one reused float64 buffer: each block is widened, multiplied in place
+    and rounded straight into the output (the same values as rounding the full float64
+    product, at memory speed).
+    """
     if out_dtype is None or np.dtype(out_dtype) not in _NATIVE_FLOATS:
         return np.multiply(a, b, dtype=F64)
-    out = np.empty(np.broadcast_shapes(a.shape, b.shape), dtype=out_dtype)
-    with np.errstate(over="ignore"):  # overflow shows as inf; round_to reports it
-        return np.multiply(a, b, dtype=F64, out=out, casting="same_kind")
+    shape = np.broadcast_shapes(a.shape, b.shape)
+    out = np.empty(shape, dtype=out_dtype)
+    if not shape or out.size <= _BLOCK:
+        with np.errstate(over="ignore"):  # overflow shows as inf; round_to reports it
+            return np.multiply(a, b, dtype=F64, out=out, casting="same_kind")
+    a, b = np.broadcast_to(a, shape), np.broadcast_to(b, shape)
+    rows = max(1, _BLOCK // max(1, out[0].size))
+    buf = np.empty((min(rows, shape[0]), *shape[1:]), dtype=F64)
+    with np.errstate(over="ignore"):
+        for i in range(0, shape[0], rows):
+            j = min(i + rows, shape[0])
+            block = buf[: j - i]
+            block[...] = a[i:j]
+            block *= b[i:j]
+            out[i:j] = block
+    return out
 
 
 def _scaled(w: np.ndarray, factor: np.ndarray, out_dtype: np.dtype | None = None) -> np.ndarray:
