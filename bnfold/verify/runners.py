@@ -133,19 +133,35 @@ def _put_back(moved: list, data_path: str) -> None:
 class Runner:
     """A model ready to run: an onnxruntime session or the numpy evaluator."""
 
-    def __init__(self, engine: str, impl: Any, input_names: list[str], output_names: list[str]) -> None:
+    def __init__(
+        self,
+        engine: str,
+        impl: Any,
+        input_names: list[str],
+        output_names: list[str],
+        required: list[str] | None = None,
+    ) -> None:
         self.engine = engine
         self.impl = impl
         self.input_names = input_names
         self._inputs = set(input_names)  # a set: models with thousands of inputs stay linear
+        self._required = input_names if required is None else required
         self.output_names = output_names
 
     def run(self, feed: Feed) -> list[np.ndarray]:
         """Outputs in :attr:`output_names` order (inputs the model does not take are dropped)."""
         use = {k: v for k, v in feed.items() if k in self._inputs}
-        if self.engine == "onnxruntime":
+        if self.engine != "onnxruntime":
+            return self.impl.run(use)
+        core = getattr(self.impl, "_sess", None)
+        if core is None:
             return self.impl.run(None, use)
-        return self.impl.run(use)
+        # InferenceSession.run checks the feed with `name in list(feed)` per input: quadratic in
+        # the number of inputs.  The same check with a set, then the C++ session directly.
+        missing = [n for n in self._required if n not in use]
+        if missing:
+            raise ValueError(f"Required inputs ({missing}) are missing from input feed")
+        return core.run(self.output_names, use, None)
 
 
 def import_ort() -> Any:
@@ -187,7 +203,9 @@ def open_ort(src: ModelSource, base_dir: str | None, stack: contextlib.ExitStack
         if type(e).__name__ == "NotImplemented" or "NOT_IMPLEMENTED" in str(e):
             raise NoKernel(ort_message(e)) from e
         raise NotVerifiableError(f"onnxruntime cannot load it: {ort_message(e)}") from e
-    return Runner("onnxruntime", sess, [i.name for i in sess.get_inputs()], [o.name for o in sess.get_outputs()])
+    inputs = sess.get_inputs()
+    required = [i.name for i in inputs if not i.type.startswith("optional")]
+    return Runner("onnxruntime", sess, [i.name for i in inputs], [o.name for o in sess.get_outputs()], required)
 
 
 def open_numpy(src: ModelSource, base_dir: str | None) -> Runner:
