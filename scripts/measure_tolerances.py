@@ -295,23 +295,24 @@ HEADER = [
 
 
 def models_of(sets: set[str], args: argparse.Namespace):
-    """(label, model, InputOptions, wrong folds to try) of every chosen set."""
+    """(set, label, model, InputOptions, wrong folds to try) of every chosen set."""
     trials = args.trials
+    gen = InputOptions(trials=trials)
     if "samples" in sets:
         for name in SAMPLES:
             base = onnx.load(os.path.join(ROOT, "models", name))
             for dt in args.dtypes.split(","):
-                yield f"{name} (sample)", convert(base, DTYPES[dt]), InputOptions(trials=trials), args.wrong
+                yield f"samples ({dt})", f"{name} (sample)", convert(base, DTYPES[dt]), gen, args.wrong
     if "ill" in sets:
         import verify_builders as vb
 
         for name, build in vb.ILL_CONDITIONED.items():
             for seed in range(args.seeds):
-                yield f"{name} seed {seed} (ill-conditioned)", build(seed), InputOptions(trials=trials), args.wrong
+                yield "ill-conditioned", f"{name} seed {seed} (ill-conditioned)", build(seed), gen, args.wrong
         for offset in (1e4, 2e4):
             for seed in range(args.seeds):
                 label = f"steep_head offset {offset:g} seed {seed} (ill-conditioned)"
-                yield label, steep_head(offset, seed=seed), InputOptions(trials=trials), args.wrong
+                yield "ill-conditioned", label, steep_head(offset, seed=seed), InputOptions(trials=trials), args.wrong
     if "softmax" in sets:
         import verify_builders as vb
 
@@ -319,7 +320,8 @@ def models_of(sets: set[str], args: argparse.Namespace):
             for seed in range(args.seeds):
                 kind = "depthwise, Clip 0..6" if depthwise else "Conv+BN+Relu"
                 m = vb.softmax_classifier(seed, depthwise=depthwise)
-                yield f"softmax classifier, 200 classes, {kind}, seed {seed}", m, InputOptions(trials=trials), 99
+                label = f"softmax classifier, 200 classes, {kind}, seed {seed}"
+                yield "softmax classifiers", label, m, gen, 99
     if "zoo" in sets:
         from test_zoo import randomize
 
@@ -328,21 +330,22 @@ def models_of(sets: set[str], args: argparse.Namespace):
             path = os.path.join(zoo, f"light_{name}.onnx")
             if os.path.exists(path):
                 m = randomize(onnx.load(path))
-                yield f"light zoo {name} (random weights)", m, InputOptions(trials=1), args.zoo_wrong
+                yield "onnx light zoo", f"light zoo {name} (random weights)", m, InputOptions(trials=1), args.zoo_wrong
     if "paddle" in sets:
         paddle = os.path.join(ROOT, "tests", "fixtures", "paddle")
         det = onnx.load(os.path.join(paddle, "ch_PP-OCRv4_det_infer.onnx"))
         cls = onnx.load(os.path.join(paddle, "ch_ppocr_mobile_v2.0_cls_infer.onnx"))
         size = args.det_size
         shapes = {"x": (1, 3, size, size)}
-        yield f"PP-OCRv4 det {size}x{size}, noise", det, InputOptions(trials=trials, shapes=shapes), args.paddle_wrong
+        label = f"PP-OCRv4 det {size}x{size}, noise"
+        yield "PP-OCRv4 det, noise", label, det, InputOptions(trials=trials, shapes=shapes), args.paddle_wrong
         with tempfile.TemporaryDirectory() as tmp:
             det_files = _pages(tmp, "det", size, size, trials)
             cls_files = _pages(tmp, "cls", 48, 192, trials)
             label = f"PP-OCRv4 det {size}x{size}, {trials} text pages"
-            yield label, det, InputOptions(trials=0, files=det_files), args.paddle_wrong
+            yield "PP-OCR, text", label, det, InputOptions(trials=0, files=det_files), args.paddle_wrong
             label = f"ppocr mobile v2.0 cls, {trials} text lines 48x192"
-            yield label, cls, InputOptions(trials=0, files=cls_files), args.paddle_wrong
+            yield "PP-OCR, text", label, cls, InputOptions(trials=0, files=cls_files), args.paddle_wrong
     for path in args.models:
         model = onnx.load(path)
         own = {k: v for k, v in args.shapes.items() if k in {i.name for i in model.graph.input}}
@@ -355,7 +358,8 @@ def models_of(sets: set[str], args: argparse.Namespace):
                 label += f" ({args.text_images} text pages)"
             if args.float16:
                 model, label = convert(model, np.float16), label + " as float16"
-            yield label, model, InputOptions(trials=0 if files else trials, shapes=own, files=files), args.wrong
+            inputs = InputOptions(trials=0 if files else trials, shapes=own, files=files)
+            yield "extra", label, model, inputs, args.wrong
 
 
 def _pages(folder: str, stem: str, height: int, width: int, n: int) -> list[str]:
@@ -365,6 +369,42 @@ def _pages(folder: str, stem: str, height: int, width: int, n: int) -> list[str]
         np.savez(f, x=text_image(height, width, np.random.default_rng(100 + k)))
         files.append(f)
     return files
+
+
+SUMMARY = [
+    "set",
+    "models",
+    "correct folds: worst error/floor",
+    "correct refused",
+    "correct refused by old fixed tolerances",
+    "wrong folds beyond the floor",
+    "least visible wrong: error/floor",
+    "visible wrong caught",
+    "wrong caught by old fixed tolerances",
+]
+
+
+def summary(results: list[dict]) -> None:
+    """The separation per set (the README table)."""
+    print("| " + " | ".join(SUMMARY) + " |")
+    print("|" + "---|" * len(SUMMARY))
+    for group in dict.fromkeys(r["set"] for r in results):
+        rs = [r for r in results if r["set"] == group]
+        wrong = [w for r in rs for w in r["wrong"]]
+        visible = [w for w in wrong if w["ratio"] > 1]
+        least = min((w["ratio"] for w in visible), default=None)
+        cells = [
+            group,
+            str(len(rs)),
+            f"{max(r['ok_ratio'] for r in rs):.2g}",
+            f"{sum(not r['ok_passed'] for r in rs)}/{len(rs)}",
+            f"{sum(not r['ok_fixed'] for r in rs)}/{len(rs)}",
+            f"{len(visible)}/{len(wrong)}",
+            "-" if least is None else f"{least:.3g}",
+            f"{sum(w['caught'] for w in visible)}/{len(visible)}",
+            f"{sum(w['fixed'] for w in wrong)}/{len(wrong)}",
+        ]
+        print("| " + " | ".join(cells) + " |")
 
 
 def main() -> None:
@@ -386,9 +426,9 @@ def main() -> None:
     args.shapes = dict(parse_input_shape(s) for s in args.input_shape)
     sets = set(args.sets.split(",")) - {"none", ""}
     results = []
-    for label, model, inputs, n_wrong in models_of(sets, args):
+    for group, label, model, inputs, n_wrong in models_of(sets, args):
         try:
-            results.append(measure(label, model, inputs, n_wrong))
+            results.append({"set": group, **measure(label, model, inputs, n_wrong)})
         except NotVerifiableError as e:  # no engine runs it (bfloat16 MaxPool): nothing to measure
             print(f"{label}: skipped: {e}", file=sys.stderr)
             continue
@@ -397,6 +437,8 @@ def main() -> None:
     print("|" + "---|" * len(HEADER))
     for r in results:
         print("| " + " | ".join(line(r)) + " |")
+    print()
+    summary(results)
     ok = [r["ok_ratio"] for r in results]
     visible = [w["ratio"] for r in results for w in r["wrong"] if w["ratio"] > 1]
     print()

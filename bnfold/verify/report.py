@@ -83,13 +83,13 @@ class OutputRow:
         }
 
     def rule(self) -> str:
-        """How this output was decided, in words (``<= 16 x noise floor 2e-7 = 3.2e-6, calibrated``)."""
+        """How this output was decided, in words (``calibrated: bound 3.2e-6 = 4 x noise floor 8e-7``)."""
         if self.decision == "exact":
             return "must be equal"
         if self.decision == "fast":
-            return f"<= {g(self.atol)}, fast path: {g(self.factor)} x max|a| {g(self.max_ref)}"
+            return f"fast path: bound {g(self.atol)} = {g(self.factor)} x max|a| {g(self.max_ref)}"
         if self.decision == "calibrated":
-            return f"<= {g(self.factor)} x noise floor {g(self.noise_floor)} = {g(self.atol)}, calibrated"
+            return f"calibrated: bound {g(self.atol)} = {g(self.factor)} x noise floor {g(self.noise_floor)}"
         return f"atol {g(self.atol)}, rtol {g(self.rtol)}; passes with atol >= {g(self.min_atol)}"
 
     def line(self) -> str:
