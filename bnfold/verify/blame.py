@@ -110,8 +110,8 @@ def _worst(rep: VerifyReport | None) -> str:
     bad = rep.failing
     if not bad:
         return ""
-    r = max(bad, key=lambda r: r.min_atol)
-    return f": output '{r.name}' max abs error {r.max_abs:.3g} (passes with atol >= {r.min_atol:.3g})"
+    r = max(bad, key=lambda r: r.max_abs / r.atol if r.atol > 0 else r.max_abs)
+    return f": output '{r.name}' max abs error {r.max_abs:.3g} ({r.rule()})"
 
 
 def fold_subset(
@@ -221,3 +221,12 @@ def find_culprits(
 
 class _Budget(Exception):
     """The verification budget of one blame is spent."""
+
+
+def __getattr__(name: str) -> Any:
+    # verify_fold and FoldVerification lived here before they moved to bnfold.verify.foldcheck.
+    if name in ("verify_fold", "FoldVerification"):
+        from bnfold.verify import foldcheck
+
+        return getattr(foldcheck, name)
+    raise AttributeError(f"module 'bnfold.verify.blame' has no attribute {name!r}")

@@ -54,10 +54,10 @@ FAST_REL: dict[str, float] = {
     "bfloat16": 8e-3,
 }
 # Calibrated rule: pass when max|a - b| <= CALIBRATION_FACTOR * noise floor.  Measured by
-# scripts/measure_tolerances.py over 80 models (README "Verification"): correct folds reach at
-# most 2x the floor (1.3x where the rule decided), one-channel-wrong folds at least 50x in
-# float32 and 3.2x in bfloat16, where 4x passes two wrong folds as large as bfloat16's rounding.
-CALIBRATION_FACTOR = 4.0
+# scripts/measure_tolerances.py over 57 models (README "Verification"): correct folds reach at
+# most 2x the floor (1.3x where the floor decided), one-channel-wrong folds at least 50x in
+# float32 and 3.2x in bfloat16 (but 1.5x where a wrong channel barely shows: that one passes).
+CALIBRATION_FACTOR = 3.0
 # Seeded perturbed runs of the original per verification (the floor is their largest deviation).
 CALIBRATION_RUNS = 3
 
