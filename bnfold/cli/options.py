@@ -43,17 +43,22 @@ VERIFY_PARAMS = (
 )
 
 
-def _shapes(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> dict[str, tuple[int, ...]]:
-    out: dict[str, tuple[int, ...]] = {}
-    for v in values:
-        try:
-            name, shape = parse_input_shape(v)
-        except ValueError as e:
-            raise click.BadParameter(str(e)) from None
-        if name in out:
-            raise click.BadParameter(f"input '{name}' given twice")
-        out[name] = shape
-    return out
+def _by_name(parse: Callable[[str], tuple[str, Any]]) -> Callable:
+    """A click callback: repeated ``NAME:VALUE`` options parsed by ``parse`` into ``{name: value}``."""
+
+    def callback(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for v in values:
+            try:
+                name, value = parse(v)
+            except ValueError as e:
+                raise click.BadParameter(str(e)) from None
+            if name in out:
+                raise click.BadParameter(f"input '{name}' given twice" if name else "LO,HI for every input given twice")
+            out[name] = value
+        return out
+
+    return callback
 
 
 def _range(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, int]:
@@ -63,19 +68,6 @@ def _range(ctx: click.Context, param: click.Parameter, value: str | None) -> tup
         return parse_int_range(value)
     except ValueError as e:
         raise click.BadParameter(str(e)) from None
-
-
-def _val_ranges(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> dict[str, tuple[float, float]]:
-    out: dict[str, tuple[float, float]] = {}
-    for v in values:
-        try:
-            name, lo_hi = parse_val_range(v)
-        except ValueError as e:
-            raise click.BadParameter(str(e)) from None
-        if name in out:
-            raise click.BadParameter(f"input '{name}' given twice" if name else "LO,HI for every input given twice")
-        out[name] = lo_hi
-    return out
 
 
 def _finite(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
@@ -146,7 +138,7 @@ def input_options(fn: Callable) -> Callable:
     fn = click.option(
         "--val-range",
         multiple=True,
-        callback=_val_ranges,
+        callback=_by_name(parse_val_range),
         metavar="[NAME:]LO,HI",
         help="Generate float input NAME uniformly in [LO, HI] instead of N(0, 1) (repeatable; "
         "LO,HI alone for every float input), e.g. x:0,1.",
@@ -154,7 +146,7 @@ def input_options(fn: Callable) -> Callable:
     fn = click.option(
         "--input-shape",
         multiple=True,
-        callback=_shapes,
+        callback=_by_name(parse_input_shape),
         metavar="NAME:D0,D1,...",
         help="Shape of an input with dynamic dimensions (repeatable), e.g. x:1,3,224,224.",
     )(fn)
