@@ -249,3 +249,41 @@ def test_verification_writes_no_onnxruntime_state_outside_the_output_folder(chai
     written = [os.path.join(d, f) for d, _, files in os.walk(home) for f in files]
     assert written == []  # no ~/.cache/Microsoft/DeveloperTools/.onnxruntime/{deviceid,onnxruntime.db}
     assert bnfold.__name__ == "bnfold"
+
+
+def test_in_memory_models_read_external_data_only_inside_their_folder(tmp_path, monkeypatch) -> None:
+    from bnfold.errors import ModelLoadError
+    from bnfold.verify import runners
+
+    src = tmp_path / "src"
+    src.mkdir()
+    m = conv_chain()
+    onnx.save(m, str(src / "m.onnx"), save_as_external_data=True, location="m.data", size_threshold=0)
+    loaded = onnx.load(str(src / "m.onnx"), load_external_data=False)
+    (tmp_path / "m.data").write_bytes((src / "m.data").read_bytes())
+    for t in loaded.graph.initializer:  # point one tensor outside the model's folder
+        for e in t.external_data:
+            if e.key == "location":
+                e.value = "../m.data"
+        break
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(ModelLoadError, match="leaves the model's folder"):
+        runners.write_for_runtime(loaded, str(out), base_dir=str(src))
+    monkeypatch.chdir(src)  # and an unknown folder is never taken to be the working directory
+    with pytest.raises(Exception, match="folder is not known"):
+        runners.write_for_runtime(onnx.load(str(src / "m.onnx"), load_external_data=False), str(out), None)
+
+
+def test_calibration_of_an_external_data_model_run_from_elsewhere(tmp_path, monkeypatch) -> None:
+    from verify_builders import steep_head
+
+    src = tmp_path / "src"
+    src.mkdir()
+    path = str(src / "steep.onnx")
+    m = steep_head(offset=2e4, seed=0)
+    onnx.save(m, path, save_as_external_data=True, location="steep.data", size_threshold=0)
+    monkeypatch.chdir(tmp_path)
+    folded = bnfold.fold_model(onnx.load(path, load_external_data=False), base_dir=str(src)).model
+    report = verify_models(path, folded, base_dir=str(src))
+    assert report.passed and report.rows[0].decision == "calibrated", report.summary_lines()
