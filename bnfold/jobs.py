@@ -245,7 +245,7 @@ def _verify_hook(path: str, result: FoldResult, opts: FoldOptions, outcome: Mode
     def hook(candidate: str) -> None:
         started = time.perf_counter()
         try:
-            from bnfold.verify.blame import verify_fold
+            from bnfold.verify.foldcheck import verify_fold
 
             checked = verify_fold(
                 path,

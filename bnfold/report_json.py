@@ -15,7 +15,7 @@ from bnfold import __version__
 from bnfold.errors import ExitCode
 from bnfold.jobs import STATUS, ModelOutcome
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: verification outputs carry decision, noise_floor, factor; verification.calibration
 
 _NUM_OR_NULL = {"type": ["integer", "null"]}
 _FOLD = {
@@ -27,6 +27,30 @@ _SKIP = {
     "type": "object",
     "required": ["node", "op_type", "reason", "message", "graph"],
     "properties": {k: {"type": "string"} for k in ("node", "op_type", "reason", "message", "graph")},
+}
+_NUM_OR_TEXT = {"type": ["number", "string"]}  # "inf"/"nan" where not finite
+_VERIFY_OUTPUT = {
+    "type": "object",
+    "required": ["name", "dtype", "passed", "decision", "max_abs_error", "atol", "rtol", "noise_floor", "factor"],
+    "properties": {
+        "name": {"type": "string"},
+        "dtype": {"type": "string"},
+        "passed": {"type": "boolean"},
+        "decision": {"type": "string", "enum": ["exact", "fast", "calibrated", "tolerance"]},
+        "max_abs_error": _NUM_OR_TEXT,
+        "atol": _NUM_OR_TEXT,
+        "rtol": _NUM_OR_TEXT,
+        "noise_floor": {"type": ["number", "string", "null"]},
+        "factor": {"type": ["number", "string", "null"]},
+    },
+}
+_VERIFICATION = {
+    "type": ["object", "null"],
+    "properties": {
+        "passed": {"type": "boolean"},
+        "calibration": {"type": ["object", "null"]},
+        "outputs": {"type": "array", "items": _VERIFY_OUTPUT},
+    },
 }
 _MODEL = {
     "type": "object",
@@ -50,7 +74,7 @@ _MODEL = {
         "folds": {"type": "array", "items": _FOLD},
         "skips": {"type": "array", "items": _SKIP},
         "affine_left": {"type": "array", "items": _SKIP},
-        "verification": {"type": ["object", "null"]},
+        "verification": _VERIFICATION,
         "notes": {"type": "array", "items": {"type": "string"}},
         "timings": {"type": "object"},
     },

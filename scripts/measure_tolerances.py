@@ -1,23 +1,28 @@
-"""Measure how far correct and deliberately wrong folds move model outputs (the basis of bnfold's tolerances).
+"""Measure how far correct and one-channel-wrong folds move outputs, against each model's own noise floor.
 
-For each model (and dtype): fold it correctly and compare with the original; then,
-for up to ``--wrong`` of its folds, fold again with that one fold corrupted (one
-output channel's scale doubled) and compare.  Printed per model: the largest
-absolute error, that error relative to the output's largest magnitude, and the
-smallest ``atol`` that passes at several ``rtol`` values (as polygraphy reports
-it); for wrong folds the smallest of these over the folds tried.  Then whether
-the correct fold passes bnfold's default tolerance and how many wrong folds it
-catches (a wrong fold in a channel that a later ReLU or saturated activation
-zeroes cannot change the outputs, and no tolerance catches it).
+For each model (and dtype) the original is run with its float weights perturbed
+within their rounding (``bnfold.verify.calibrate``: the noise floor of every
+output), folded correctly, and folded again once per chosen fold with that fold
+wrong: one output channel's weights scaled by 1.5 in one Conv (the BN's scale on
+that channel multiplied by 1.5).  Every outcome is decided by bnfold's own rule
+(``Verifier.decide``), and reported as the ratio ``max|a - b| / noise floor`` of
+the output where it is largest (the floor at least one ulp of the output's scale).
 
-    python scripts/measure_tolerances.py                       # bundled samples, all dtypes
-    python scripts/measure_tolerances.py --no-samples det.onnx --input-shape x:1,3,640,640 --text-images 3
+The factor of the calibrated rule must sit above every correct fold's ratio and
+below every wrong fold's ratio; a wrong fold whose ratio is at most 1 moves the
+outputs no more than rounding does (a channel that a later ReLU, pooling or
+saturated activation hides on these inputs) and cannot be told from a correct fold.
 
-The PaddleOCR models of the README table come from the rapidocr-onnxruntime wheel:
-``pip download --no-deps rapidocr-onnxruntime==1.4.4`` and unzip its
-``rapidocr_onnxruntime/models/*.onnx``.  ``--text-images N`` feeds them synthetic
-pages of text (a detector fed noise outputs ~0 everywhere, which proves little);
-``--float16`` converts them to float16 first.
+    python scripts/measure_tolerances.py                      # every set (minutes)
+    python scripts/measure_tolerances.py --sets ill,softmax   # some of them
+    python scripts/measure_tolerances.py --sets none --wrong 16 det.onnx --input-shape x:1,3,640,640 --text-images 3
+
+Sets: ``samples`` (models/, in float32/float16/bfloat16/float64), ``zoo`` (the onnx
+light zoo, weights randomized as in tests/test_zoo.py), ``paddle`` (PP-OCRv4 det fed
+noise and synthetic text pages, ppocr cls on text lines; tests/fixtures/paddle),
+``ill`` (ill-conditioned nets of tests/verify_builders.py plus the steep head below)
+and ``softmax`` (classifiers whose softmax peaks near 0.005).  ``--text-images N``
+feeds extra models N synthetic pages of text; ``--float16`` converts them first.
 """
 
 from __future__ import annotations
@@ -37,13 +42,16 @@ from onnx import helper, numpy_helper
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from bnfold import fold_model
+from bnfold.errors import NotVerifiableError
 from bnfold.fold import rules as patterns
 from bnfold.verify.inputs import InputOptions, parse_input_shape
-from bnfold.verify.verifier import DEFAULT_TOLERANCES, Verifier, VerifyOptions
+from bnfold.verify.tolerances import DEFAULT_TOLERANCES, eps
+from bnfold.verify.verifier import Verifier, VerifyOptions
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-SAMPLES = ["resnet_block.onnx", "convtranspose_decoder.onnx", "mlp_bn.onnx"]
-RTOLS = (1e-3, 1e-2, 1e-1)
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+SAMPLES = ["resnet_block.onnx", "convtranspose_decoder.onnx", "mlp_bn.onnx", "frozen_bn_stage.onnx"]
+ZOO = ["resnet50", "densenet121", "inception_v2", "shufflenet"]
 DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16, "float64": np.float64}
 
 
@@ -159,8 +167,9 @@ def text_image(height: int, width: int, rng: np.random.Generator, scale: int = 4
 
 
 @contextlib.contextmanager
-def corrupted(node_name: str, channel: int = 0, factor: float = 2.0):
-    """Fold ``node_name`` wrongly: its scale on one output channel is multiplied by ``factor``."""
+def corrupted(node_name: str, channel: int = 0, factor: float = 1.5):
+    """Fold ``node_name`` wrongly: its scale on one output channel is multiplied by ``factor``
+    (that channel's folded weights come out ``factor`` times too big)."""
     original = patterns.Affine.per_channel
 
     def wrong(self: patterns.Affine, c: int):
@@ -177,159 +186,268 @@ def corrupted(node_name: str, channel: int = 0, factor: float = 2.0):
         patterns.Affine.per_channel = original
 
 
-def errors(ref: list[list[np.ndarray]], got: list[list[np.ndarray]], rtol: float) -> dict[str, float]:
-    """Largest abs error, that over the output's largest magnitude, min atol per rtol (worst output).
-
-    ``atol@default`` is the min atol at ``rtol`` (the dtype's default).
-    """
-    out = {"abs": 0.0, "scaled": 0.0, "atol@default": 0.0, **{f"atol@{r:g}": 0.0 for r in RTOLS}}
-    for rt, gt in zip(ref, got, strict=True):
+def fixed_passes(v: Verifier, got: list[list[np.ndarray]]) -> bool:
+    """Whether the old fixed per-dtype tolerances (``--no-calibrate``) pass ``got``."""
+    for rt, gt in zip(v.ref_outputs, got, strict=True):
         for a, b in zip(rt, gt, strict=True):
             a64, b64 = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-            err = np.abs(a64 - b64)
-            scale = float(np.max(np.abs(a64))) or 1.0
-            out["abs"] = max(out["abs"], float(err.max()))
-            out["scaled"] = max(out["scaled"], float(err.max()) / scale)
-            for r in RTOLS:
-                out[f"atol@{r:g}"] = max(out[f"atol@{r:g}"], float(np.max(err - r * np.abs(a64))))
-            out["atol@default"] = max(out["atol@default"], float(np.max(err - rtol * np.abs(a64))))
-    return out
+            tol = DEFAULT_TOLERANCES.get(str(np.asarray(a).dtype), None)
+            if tol is None:
+                continue
+            if not np.all(np.abs(a64 - b64) <= tol.atol + tol.rtol * np.abs(a64)):
+                return False
+    return True
 
 
-def passes(ref: list[list[np.ndarray]], got: list[list[np.ndarray]], atol: float, rtol: float) -> bool:
-    """``|a - b| <= atol + rtol * |a|`` everywhere."""
-    return all(
-        bool(np.all(np.abs(np.float64(a) - np.float64(b)) <= atol + rtol * np.abs(np.float64(a))))
-        for rt, gt in zip(ref, got, strict=True)
-        for a, b in zip(rt, gt, strict=True)
-    )
+def ratio(v: Verifier, report) -> float:
+    """Largest ``max|a - b| / floor`` over the float outputs (floor at least one ulp of the scale)."""
+    floors = v.noise_floors() or {}
+    worst = 0.0
+    for r in report.rows:
+        if r.name not in floors:
+            continue
+        dt = np.asarray(v.ref_outputs[0][v.output_names.index(r.name)]).dtype
+        floor = max(floors[r.name], eps(dt) * r.max_ref)
+        worst = max(worst, r.max_abs / floor if floor > 0 else (0.0 if r.max_abs == 0 else np.inf))
+    return worst
 
 
-def measure(label: str, model: onnx.ModelProto, shapes: dict, n_wrong: int, trials: int, files: list[str]) -> list[str]:
-    inputs = InputOptions(trials=trials if not files else 0, shapes=shapes, files=files)
-    opts = VerifyOptions(inputs=inputs)
+def measure(label: str, model: onnx.ModelProto, inputs: InputOptions, n_wrong: int) -> dict:
+    """Correct fold and wrong folds of one model, decided by bnfold's rule."""
     started = time.perf_counter()
-    v = Verifier(model, opts)
+    v = Verifier(model, VerifyOptions(inputs=inputs))
+    v.noise_floors()
     result = fold_model(model)
     good_out = v.run(result.model)
-    dt = str(np.asarray(v.ref_outputs[0][0]).dtype)
-    tol = DEFAULT_TOLERANCES[dt]
-    good = errors(v.ref_outputs, good_out, tol.rtol)
+    good = v.decide(good_out)
     folds = result.report.folds
     step = max(1, len(folds) // n_wrong) if n_wrong else len(folds) + 1
     chosen = folds[::step][:n_wrong]
-    worst_wrong: dict[str, float] | None = None
-    caught = 0
+    wrong = []
     for f in chosen:
         with corrupted(f.node):
             bad_model = fold_model(model).model
-        bad_out = v.run(bad_model)
-        caught += not passes(v.ref_outputs, bad_out, tol.atol, tol.rtol)
-        e = errors(v.ref_outputs, bad_out, tol.rtol)
-        if worst_wrong is None:
-            worst_wrong = e
-        else:
-            worst_wrong = {k: min(worst_wrong[k], e[k]) for k in e}
-    cols = [
-        label,
-        dt,
-        v.engine,
-        str(len(folds)),
-        f"{good['abs']:.2g}",
-        f"{good['scaled']:.2g}",
-        *(f"{max(good[f'atol@{r:g}'], 0):.2g}" for r in RTOLS),
-        f"{max(good['atol@default'], 0):.2g}",
-        "yes" if passes(v.ref_outputs, good_out, tol.atol, tol.rtol) else "NO",
+        out = v.run(bad_model)
+        rep = v.decide(out)
+        wrong.append(
+            {"node": f.node, "ratio": ratio(v, rep), "caught": not rep.passed, "fixed": not fixed_passes(v, out)}
+        )
+    floors = v.noise_floors() or {}
+    row0 = max(good.rows, key=lambda r: r.max_ref)
+    return {
+        "label": label,
+        "dtype": good.rows[0].dtype,
+        "engine": v.engine,
+        "folds": len(folds),
+        "scale": row0.max_ref,
+        "floor": max(floors.values()) if floors else 0.0,
+        "ok_err": max(r.max_abs for r in good.rows),
+        "ok_ratio": ratio(v, good),
+        "ok_decision": ",".join(sorted({r.decision for r in good.rows})),
+        "ok_passed": good.passed,
+        "ok_fixed": fixed_passes(v, good_out),
+        "wrong": wrong,
+        "seconds": time.perf_counter() - started,
+    }
+
+
+def line(m: dict) -> list[str]:
+    """One table row."""
+    w = m["wrong"]
+    visible = [x for x in w if x["ratio"] > 1]
+    least = min((x["ratio"] for x in visible), default=None)
+    return [
+        m["label"],
+        m["dtype"],
+        str(m["folds"]),
+        f"{m['scale']:.2g}",
+        f"{m['floor']:.2g}",
+        f"{m['ok_err']:.2g}",
+        f"{m['ok_ratio']:.2g}",
+        ("pass" if m["ok_passed"] else "**REFUSED**") + f" ({m['ok_decision']})",
+        "pass" if m["ok_fixed"] else "refused",
+        f"{len(visible)}/{len(w)}",
+        "-" if least is None else f"{least:.3g}",
+        f"{sum(x['caught'] for x in visible)}/{len(visible)}",
+        f"{sum(x['caught'] for x in w)}/{len(w)}",
+        f"{sum(x['fixed'] for x in w)}/{len(w)}",
+        f"{m['seconds']:.1f}s",
     ]
-    if worst_wrong is None:
-        cols += ["0", "-", "-", *("-" for _ in RTOLS), "-", "-"]
-    else:
-        cols += [
-            str(len(chosen)),
-            f"{worst_wrong['abs']:.2g}",
-            f"{worst_wrong['scaled']:.2g}",
-            *(f"{max(worst_wrong[f'atol@{r:g}'], 0):.2g}" for r in RTOLS),
-            f"{max(worst_wrong['atol@default'], 0):.2g}",
-            f"{caught}/{len(chosen)}",
-        ]
-    cols.append(f"{tol.atol:g}/{tol.rtol:g}")
-    cols.append(f"{time.perf_counter() - started:.0f}s")
-    return cols
 
 
 HEADER = [
     "model",
     "dtype",
-    "engine",
     "folds",
-    "ok: max abs",
-    "ok: abs/max|y|",
-    *(f"ok: min atol @rtol {r:g}" for r in RTOLS),
-    "ok: min atol @default rtol",
-    "ok passes defaults",
-    "wrong folds",
-    "wrong: min abs",
-    "wrong: min abs/max|y|",
-    *(f"wrong: min atol @rtol {r:g}" for r in RTOLS),
-    "wrong: min atol @default rtol",
-    "wrong caught by defaults",
-    "default atol/rtol",
+    "max abs output",
+    "noise floor",
+    "correct: max abs error",
+    "correct: error/floor",
+    "correct: decision",
+    "correct: old fixed tolerances",
+    "wrong folds moving outputs beyond the floor",
+    "least visible wrong: error/floor",
+    "visible wrong caught",
+    "all wrong caught",
+    "wrong caught by old fixed tolerances",
     "time",
 ]
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("models", nargs="*", help="extra float32 models (default: only the bundled samples)")
-    ap.add_argument("--input-shape", action="append", default=[], help="NAME:D0,D1,... (repeatable)")
-    ap.add_argument("--dtypes", default="float32,float16,bfloat16,float64", help="dtypes for the bundled samples")
-    ap.add_argument("--wrong", type=int, default=12, help="wrong folds tried per model (spread over its folds)")
-    ap.add_argument("--trials", type=int, default=3)
-    ap.add_argument("--no-samples", action="store_true")
-    ap.add_argument("--inputs", action="append", default=[], help="input .npz for the extra models (repeatable)")
-    ap.add_argument(
-        "--text-images",
-        type=int,
-        default=0,
-        metavar="N",
-        help="feed the extra models N synthetic text pages (input NAME:1,3,H,W from --input-shape)",
-    )
-    ap.add_argument("--float16", action="store_true", help="convert the extra models to float16 first")
-    args = ap.parse_args()
-    shapes = dict(parse_input_shape(s) for s in args.input_shape)
-    rows = [HEADER]
-    if not args.no_samples:
+def models_of(sets: set[str], args: argparse.Namespace):
+    """(set, label, model, InputOptions, wrong folds to try) of every chosen set."""
+    trials = args.trials
+    gen = InputOptions(trials=trials)
+    if "samples" in sets:
         for name in SAMPLES:
             base = onnx.load(os.path.join(ROOT, "models", name))
             for dt in args.dtypes.split(","):
-                rows.append(measure(name, convert(base, DTYPES[dt]), {}, args.wrong, args.trials, []))
-                print(" | ".join(rows[-1]), file=sys.stderr)
+                yield f"samples ({dt})", f"{name} (sample)", convert(base, DTYPES[dt]), gen, args.wrong
+    if "ill" in sets:
+        import verify_builders as vb
+
+        for name, build in vb.ILL_CONDITIONED.items():
+            for seed in range(args.seeds):
+                yield "ill-conditioned", f"{name} seed {seed} (ill-conditioned)", build(seed), gen, args.wrong
         for offset in (1e4, 2e4):
-            for seed in range(4):
-                label = f"steep_head offset={offset:g} seed={seed}"
-                rows.append(measure(label, steep_head(offset, seed=seed), {}, args.wrong, args.trials, []))
-                print(" | ".join(rows[-1]), file=sys.stderr)
+            for seed in range(args.seeds):
+                label = f"steep_head offset {offset:g} seed {seed} (ill-conditioned)"
+                yield "ill-conditioned", label, steep_head(offset, seed=seed), InputOptions(trials=trials), args.wrong
+    if "softmax" in sets:
+        import verify_builders as vb
+
+        for depthwise in (False, True):
+            for seed in range(args.seeds):
+                kind = "depthwise, Clip 0..6" if depthwise else "Conv+BN+Relu"
+                m = vb.softmax_classifier(seed, depthwise=depthwise)
+                label = f"softmax classifier, 200 classes, {kind}, seed {seed}"
+                yield "softmax classifiers", label, m, gen, 99
+    if "zoo" in sets:
+        from test_zoo import randomize
+
+        zoo = os.path.join(os.path.dirname(onnx.__file__), "backend", "test", "data", "light")
+        for name in ZOO:
+            path = os.path.join(zoo, f"light_{name}.onnx")
+            if os.path.exists(path):
+                m = randomize(onnx.load(path))
+                yield "onnx light zoo", f"light zoo {name} (random weights)", m, InputOptions(trials=1), args.zoo_wrong
+    if "paddle" in sets:
+        paddle = os.path.join(ROOT, "tests", "fixtures", "paddle")
+        det = onnx.load(os.path.join(paddle, "ch_PP-OCRv4_det_infer.onnx"))
+        cls = onnx.load(os.path.join(paddle, "ch_ppocr_mobile_v2.0_cls_infer.onnx"))
+        size = args.det_size
+        shapes = {"x": (1, 3, size, size)}
+        label = f"PP-OCRv4 det {size}x{size}, noise"
+        yield "PP-OCRv4 det, noise", label, det, InputOptions(trials=trials, shapes=shapes), args.paddle_wrong
+        with tempfile.TemporaryDirectory() as tmp:
+            det_files = _pages(tmp, "det", size, size, trials)
+            cls_files = _pages(tmp, "cls", 48, 192, trials)
+            label = f"PP-OCRv4 det {size}x{size}, {trials} text pages"
+            yield "PP-OCR, text", label, det, InputOptions(trials=0, files=det_files), args.paddle_wrong
+            label = f"ppocr mobile v2.0 cls, {trials} text lines 48x192"
+            yield "PP-OCR, text", label, cls, InputOptions(trials=0, files=cls_files), args.paddle_wrong
     for path in args.models:
         model = onnx.load(path)
-        own = {k: v for k, v in shapes.items() if k in {i.name for i in model.graph.input}}
-        files = list(args.inputs)
+        own = {k: v for k, v in args.shapes.items() if k in {i.name for i in model.graph.input}}
         label = os.path.basename(path)
         with tempfile.TemporaryDirectory() as tmp:
+            files = list(args.inputs)
             if args.text_images:
-                ((name, shape),) = own.items()
-                for k in range(args.text_images):
-                    f = os.path.join(tmp, f"text{k}.npz")
-                    np.savez(f, **{name: text_image(shape[2], shape[3], np.random.default_rng(100 + k))})
-                    files.append(f)
+                ((_, shape),) = own.items()
+                files += _pages(tmp, "page", shape[2], shape[3], args.text_images)
                 label += f" ({args.text_images} text pages)"
             if args.float16:
                 model, label = convert(model, np.float16), label + " as float16"
-            rows.append(measure(label, model, own, args.wrong, args.trials, files))
-        print(" | ".join(rows[-1]), file=sys.stderr)
-    print("| " + " | ".join(rows[0]) + " |")
-    print("|" + "---|" * len(rows[0]))
-    for r in rows[1:]:
-        print("| " + " | ".join(r) + " |")
+            inputs = InputOptions(trials=0 if files else trials, shapes=own, files=files)
+            yield "extra", label, model, inputs, args.wrong
+
+
+def _pages(folder: str, stem: str, height: int, width: int, n: int) -> list[str]:
+    files = []
+    for k in range(n):
+        f = os.path.join(folder, f"{stem}{k}.npz")
+        np.savez(f, x=text_image(height, width, np.random.default_rng(100 + k)))
+        files.append(f)
+    return files
+
+
+SUMMARY = [
+    "set",
+    "models",
+    "correct folds: worst error/floor",
+    "correct refused",
+    "correct refused by old fixed tolerances",
+    "wrong folds beyond the floor",
+    "least visible wrong: error/floor",
+    "visible wrong caught",
+    "wrong caught by old fixed tolerances",
+]
+
+
+def summary(results: list[dict]) -> None:
+    """The separation per set (the README table)."""
+    print("| " + " | ".join(SUMMARY) + " |")
+    print("|" + "---|" * len(SUMMARY))
+    for group in dict.fromkeys(r["set"] for r in results):
+        rs = [r for r in results if r["set"] == group]
+        wrong = [w for r in rs for w in r["wrong"]]
+        visible = [w for w in wrong if w["ratio"] > 1]
+        least = min((w["ratio"] for w in visible), default=None)
+        cells = [
+            group,
+            str(len(rs)),
+            f"{max(r['ok_ratio'] for r in rs):.2g}",
+            f"{sum(not r['ok_passed'] for r in rs)}/{len(rs)}",
+            f"{sum(not r['ok_fixed'] for r in rs)}/{len(rs)}",
+            f"{len(visible)}/{len(wrong)}",
+            "-" if least is None else f"{least:.3g}",
+            f"{sum(w['caught'] for w in visible)}/{len(visible)}",
+            f"{sum(w['fixed'] for w in wrong)}/{len(wrong)}",
+        ]
+        print("| " + " | ".join(cells) + " |")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("models", nargs="*", help="extra float models")
+    ap.add_argument("--sets", default="samples,ill,softmax,zoo,paddle", help="comma-separated, or none")
+    ap.add_argument("--input-shape", action="append", default=[], help="NAME:D0,D1,... (repeatable)")
+    ap.add_argument("--dtypes", default="float32,float16,bfloat16,float64", help="dtypes for the samples")
+    ap.add_argument("--wrong", type=int, default=8, help="wrong folds tried per model (spread over its folds)")
+    ap.add_argument("--zoo-wrong", type=int, default=4)
+    ap.add_argument("--paddle-wrong", type=int, default=16)
+    ap.add_argument("--det-size", type=int, default=320, help="PP-OCRv4 det input size")
+    ap.add_argument("--seeds", type=int, default=2, help="seeds of each built model")
+    ap.add_argument("--trials", type=int, default=3)
+    ap.add_argument("--inputs", action="append", default=[], help="input .npz for the extra models (repeatable)")
+    ap.add_argument("--text-images", type=int, default=0, metavar="N", help="feed the extra models N text pages")
+    ap.add_argument("--float16", action="store_true", help="convert the extra models to float16 first")
+    args = ap.parse_args()
+    args.shapes = dict(parse_input_shape(s) for s in args.input_shape)
+    sets = set(args.sets.split(",")) - {"none", ""}
+    results = []
+    for group, label, model, inputs, n_wrong in models_of(sets, args):
+        try:
+            results.append({"set": group, **measure(label, model, inputs, n_wrong)})
+        except NotVerifiableError as e:  # no engine runs it (bfloat16 MaxPool): nothing to measure
+            print(f"{label}: skipped: {e}", file=sys.stderr)
+            continue
+        print(" | ".join(line(results[-1])), file=sys.stderr, flush=True)
+    print("| " + " | ".join(HEADER) + " |")
+    print("|" + "---|" * len(HEADER))
+    for r in results:
+        print("| " + " | ".join(line(r)) + " |")
+    print()
+    summary(results)
+    ok = [r["ok_ratio"] for r in results]
+    visible = [w["ratio"] for r in results for w in r["wrong"] if w["ratio"] > 1]
+    print()
+    print(f"worst correct fold: {max(ok, default=0):.3g} x its noise floor")
+    print(f"least visible wrong fold: {min(visible, default=float('nan')):.3g} x its noise floor")
+    for r in results:
+        for w in r["wrong"]:
+            if w["ratio"] > 1 and not w["caught"]:
+                print(f"missed: {r['label']} {r['dtype']}: {w['node']} at {w['ratio']:.3g} x the floor")
 
 
 if __name__ == "__main__":

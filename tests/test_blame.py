@@ -14,7 +14,8 @@ import bnfold
 from bnfold.fold import math as fold_math
 from bnfold.fold import rules as patterns
 from bnfold.fold.report import Reason
-from bnfold.verify.blame import find_culprits, fold_subset, verify_fold
+from bnfold.verify.blame import find_culprits, fold_subset
+from bnfold.verify.foldcheck import verify_fold
 from bnfold.verify.inputs import InputOptions
 from bnfold.verify.verifier import Verifier, VerifyOptions, verify_models
 
@@ -154,7 +155,7 @@ class _OracleVerifier:
     def __init__(self, bad: set[str], together: set[str] = frozenset()) -> None:
         self.bad, self.together, self.runs = bad, together, 0
 
-    def check(self, model: onnx.ModelProto) -> _Report:
+    def check(self, model: onnx.ModelProto, base_dir: str | None = None) -> _Report:
         self.runs += 1
         folded = {f"bn{i}" for i in range(12)} - _bn_left(model)
         broken = bool(folded & self.bad) or (bool(self.together) and self.together <= folded)

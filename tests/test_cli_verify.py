@@ -196,8 +196,10 @@ def test_verify_equal_and_different(pair) -> None:
     assert r.exit_code == 0 and "verify: passed" in r.stdout
     r = invoke("verify", a, c)
     assert r.exit_code == 3
-    assert "FAIL output" in r.stdout and "passes with atol >=" in r.stdout
+    assert "FAIL output" in r.stdout and "x noise floor" in r.stdout and "calibrated" in r.stdout
     assert "differs" in r.stderr
+    r = invoke("verify", a, c, "--no-calibrate")
+    assert r.exit_code == 3 and "passes with atol >=" in r.stdout and "noise floor" not in r.stdout
 
 
 def test_verify_tolerance_options(pair) -> None:

@@ -8,31 +8,57 @@ with :func:`verify_options_from`.
 
 from __future__ import annotations
 
+import math
+import os
+import stat
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import click
 
-from bnfold.verify.inputs import DEFAULT_INT_RANGE, DEFAULT_TRIALS, InputOptions, parse_input_shape, parse_int_range
+from bnfold.verify.inputs import (
+    DEFAULT_INT_RANGE,
+    DEFAULT_TRIALS,
+    InputOptions,
+    parse_input_shape,
+    parse_int_range,
+    parse_val_range,
+)
 
 if TYPE_CHECKING:
     from bnfold.verify.verifier import VerifyOptions
 
 # Keyword names the decorators add (popped by verify_options_from).
-VERIFY_PARAMS = ("atol", "rtol", "seed", "trials", "input_shape", "input_range", "inputs", "save_io")
+VERIFY_PARAMS = (
+    "atol",
+    "rtol",
+    "no_calibrate",
+    "seed",
+    "trials",
+    "input_shape",
+    "input_range",
+    "val_range",
+    "inputs",
+    "save_io",
+)
 
 
-def _shapes(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> dict[str, tuple[int, ...]]:
-    out: dict[str, tuple[int, ...]] = {}
-    for v in values:
-        try:
-            name, shape = parse_input_shape(v)
-        except ValueError as e:
-            raise click.BadParameter(str(e)) from None
-        if name in out:
-            raise click.BadParameter(f"input '{name}' given twice")
-        out[name] = shape
-    return out
+def _by_name(parse: Callable[[str], tuple[str, Any]]) -> Callable:
+    """A click callback: repeated ``NAME:VALUE`` options parsed by ``parse`` into ``{name: value}``."""
+
+    def callback(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for v in values:
+            try:
+                name, value = parse(v)
+            except ValueError as e:
+                raise click.BadParameter(str(e)) from None
+            if name in out:
+                raise click.BadParameter(f"input '{name}' given twice" if name else "LO,HI for every input given twice")
+            out[name] = value
+        return out
+
+    return callback
 
 
 def _range(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, int]:
@@ -44,17 +70,44 @@ def _range(ctx: click.Context, param: click.Parameter, value: str | None) -> tup
         raise click.BadParameter(str(e)) from None
 
 
+def _finite(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
+    if value is not None and not math.isfinite(value):
+        raise click.BadParameter(f"{value} is not a finite number (a NaN or infinite tolerance passes anything)")
+    return value
+
+
+def _regular_files(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> tuple[str, ...]:
+    for v in values:
+        try:
+            mode = os.stat(v).st_mode
+        except OSError as e:
+            raise click.BadParameter(f"{v}: {e.strerror}") from None
+        if not stat.S_ISREG(mode):
+            raise click.BadParameter(f"{v}: not a regular file (an input file must be an .npz file)")
+    return values
+
+
 def tolerance_options(fn: Callable) -> Callable:
-    """``--atol``, ``--rtol``."""
+    """``--atol``, ``--rtol``, ``--no-calibrate``."""
+    fn = click.option(
+        "--no-calibrate",
+        is_flag=True,
+        help="Decide float outputs by the fixed per-dtype tolerances (float32: atol 1e-3, rtol 1e-2) "
+        "instead of the model's own rounding-noise floor.",
+    )(fn)
     fn = click.option(
         "--rtol",
         type=click.FloatRange(min=0),
-        help="Relative tolerance for every output (default per dtype: float32 1e-2, float16 5e-2).",
+        callback=_finite,
+        help="Relative tolerance for every output: decide elementwise by atol + rtol*|a| instead of the "
+        "noise floor (default per dtype: float32 1e-2, float16 5e-2).",
     )(fn)
     fn = click.option(
         "--atol",
         type=click.FloatRange(min=0),
-        help="Absolute tolerance for every output (default per dtype: float32 1e-3, float16 1e-2).",
+        callback=_finite,
+        help="Absolute tolerance for every output: decide elementwise by atol + rtol*|a| instead of the "
+        "noise floor (default per dtype: float32 1e-3, float16 1e-2).",
     )(fn)
     return fn
 
@@ -71,6 +124,7 @@ def input_options(fn: Callable) -> Callable:
         "--inputs",
         type=click.Path(exists=True, dir_okay=False),
         multiple=True,
+        callback=_regular_files,
         metavar="FILE.npz",
         help="Real inputs: arrays named after the model inputs (repeatable; replaces generated "
         "inputs unless --trials is given).",
@@ -82,9 +136,17 @@ def input_options(fn: Callable) -> Callable:
         help=f"Range of generated integer inputs, inclusive (default {DEFAULT_INT_RANGE[0]},{DEFAULT_INT_RANGE[1]}).",
     )(fn)
     fn = click.option(
+        "--val-range",
+        multiple=True,
+        callback=_by_name(parse_val_range),
+        metavar="[NAME:]LO,HI",
+        help="Generate float input NAME uniformly in [LO, HI] instead of N(0, 1) (repeatable; "
+        "LO,HI alone for every float input), e.g. x:0,1.",
+    )(fn)
+    fn = click.option(
         "--input-shape",
         multiple=True,
-        callback=_shapes,
+        callback=_by_name(parse_input_shape),
         metavar="NAME:D0,D1,...",
         help="Shape of an input with dynamic dimensions (repeatable), e.g. x:1,3,224,224.",
     )(fn)
@@ -93,7 +155,13 @@ def input_options(fn: Callable) -> Callable:
         type=click.IntRange(min=0),
         help=f"Generated input sets (default {DEFAULT_TRIALS}; 0 with --inputs).",
     )(fn)
-    fn = click.option("--seed", type=int, default=0, show_default=True, help="Seed of generated inputs.")(fn)
+    fn = click.option(
+        "--seed",
+        type=click.IntRange(min=0),
+        default=0,
+        show_default=True,
+        help="Seed of generated inputs and of the noise-floor runs (0 or more).",
+    )(fn)
     return fn
 
 
@@ -123,7 +191,10 @@ def verify_options_from(params: dict[str, Any]) -> VerifyOptions:
         shapes=dict(p["input_shape"] or {}),
         int_range=p["input_range"] or DEFAULT_INT_RANGE,
         files=list(p["inputs"] or ()),
+        val_ranges=dict(p["val_range"] or {}),
     )
     from bnfold.verify.verifier import VerifyOptions  # imported only when a command verifies
 
-    return VerifyOptions(atol=p["atol"], rtol=p["rtol"], inputs=inputs, save_io=p["save_io"])
+    return VerifyOptions(
+        atol=p["atol"], rtol=p["rtol"], calibrate=not p["no_calibrate"], inputs=inputs, save_io=p["save_io"]
+    )

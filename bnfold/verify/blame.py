@@ -19,7 +19,9 @@ from bnfold.api import fold_model
 from bnfold.fold.engine import FoldResult
 from bnfold.fold.report import Fold
 from bnfold.onnxio.load import load_model
-from bnfold.verify.verifier import ModelSource, Verifier, VerifyOptions, VerifyReport
+from bnfold.verify.report import VerifyReport
+from bnfold.verify.runners import ModelSource
+from bnfold.verify.verifier import Verifier
 
 # Verification runs one blame may spend (a fold list of n with c culprits needs about 2*c*log2(n)).
 MAX_CHECKS = 200
@@ -108,8 +110,8 @@ def _worst(rep: VerifyReport | None) -> str:
     bad = rep.failing
     if not bad:
         return ""
-    r = max(bad, key=lambda r: r.min_atol)
-    return f": output '{r.name}' max abs error {r.max_abs:.3g} (passes with atol >= {r.min_atol:.3g})"
+    r = max(bad, key=lambda r: r.max_abs / r.atol if r.atol > 0 else r.max_abs)
+    return f": output '{r.name}' max abs error {r.max_abs:.3g} ({r.rule()})"
 
 
 def fold_subset(
@@ -160,6 +162,7 @@ def find_culprits(
     Returns:
         A :class:`BlameResult`; ``safe`` holds the model folded without the culprits.
     """
+    src_dir = os.path.dirname(os.path.abspath(original)) if isinstance(original, str) else base_dir
     by_key: dict[Key, Fold] = {}
     for f in folds:
         by_key.setdefault(fold_key(f), f)
@@ -176,7 +179,8 @@ def find_culprits(
                 raise _Budget
             result.checks += 1
             folded = fold_subset(original, k, base_dir=base_dir, freeze_initializer_inputs=freeze_initializer_inputs)
-            cache[k] = verifier.check(folded.model)
+            # Tensors the subset left unfolded still point at the original's data files.
+            cache[k] = verifier.check(folded.model, base_dir=src_dir)
         return cache[k]
 
     def search(keys: list[Key], report: VerifyReport) -> None:
@@ -219,82 +223,10 @@ class _Budget(Exception):
     """The verification budget of one blame is spent."""
 
 
-@dataclass
-class FoldVerification:
-    """Verification of one fold run, with blame when it failed.
+def __getattr__(name: str) -> Any:
+    # verify_fold and FoldVerification lived here before they moved to bnfold.verify.foldcheck.
+    if name in ("verify_fold", "FoldVerification"):
+        from bnfold.verify import foldcheck
 
-    ``result`` is what may be written: the full fold when it passed, the fold
-    without the culprits when ``keep_safe`` was asked and that passed; ``ok`` says
-    whether anything may be written at all.
-    """
-
-    report: VerifyReport
-    result: FoldResult
-    blame: BlameResult | None = None
-    kept_safe: bool = False
-
-    @property
-    def ok(self) -> bool:
-        return self.report.passed or self.kept_safe
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form (``verification`` of the JSON report)."""
-        d = self.report.to_dict()
-        d["blame"] = None if self.blame is None else self.blame.to_dict()
-        d["kept_safe"] = self.kept_safe
-        return d
-
-    def summary_lines(self) -> list[str]:
-        """The verification rows, then blame and what ``--keep-safe`` did."""
-        if self.blame is None:
-            return self.report.summary_lines()
-        lines = self.report.summary_lines("(every fold)")
-        lines += self.blame.summary_lines()
-        if self.kept_safe and self.blame.safe_report is not None:
-            names = ", ".join(f.node for f in self.blame.excluded)
-            lines += self.blame.safe_report.summary_lines(f"(without {names})")
-            lines.append(f"keep-safe: left {names} unfolded; writing the model with the other folds")
-        return lines
-
-
-def verify_fold(
-    original: ModelSource,
-    result: FoldResult,
-    options: VerifyOptions | None = None,
-    *,
-    keep_safe: bool = False,
-    base_dir: str | None = None,
-    freeze_initializer_inputs: bool = False,
-) -> FoldVerification:
-    """Verify a fold run against the original; on failure, blame and optionally keep the safe folds.
-
-    Args:
-        original: the unfolded model; pass the path for large models (it is run by path
-            and re-read for blame, never serialized).
-        result: the fold run to verify.
-        options: tolerances, inputs, ``save_io``.
-        keep_safe: when verification fails, fold again without the blamed folds and, if
-            that passes, return it as ``result``.
-        base_dir: folder of external data of an in-memory ``original``.
-        freeze_initializer_inputs: as given to the fold run (blame re-folds the same way).
-
-    Raises:
-        NotVerifiableError: the original cannot be run (exit code 6).
-        InputShapeError: an input dimension must be given with ``--input-shape``.
-    """
-    options = options or VerifyOptions()
-    verifier = Verifier(original, options, base_dir=base_dir)
-    report = verifier.check(result.model, save_io=options.save_io)
-    if report.passed or not result.report.folds:
-        return FoldVerification(report, result)
-    blame = find_culprits(
-        original,
-        result.report.folds,
-        verifier,
-        base_dir=base_dir,
-        freeze_initializer_inputs=freeze_initializer_inputs,
-        failing_report=report,
-    )
-    if keep_safe and blame.safe is not None and blame.safe_passed:
-        return FoldVerification(report, blame.safe, blame, kept_safe=True)
-    return FoldVerification(report, result, blame)
+        return getattr(foldcheck, name)
+    raise AttributeError(f"module 'bnfold.verify.blame' has no attribute {name!r}")

@@ -16,7 +16,6 @@ for opsets 9 to 13 mixes batch statistics into inference mode.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
 
 import ml_dtypes
@@ -26,6 +25,7 @@ from onnx import helper, numpy_helper
 
 from bnfold.errors import NotVerifiableError
 from bnfold.fold import consteval as constants
+from bnfold.onnxio.tensors import is_external, read_external
 
 F64 = np.float64
 Op = Callable[[onnx.NodeProto, list, int], list]
@@ -432,6 +432,20 @@ def unsupported_nodes(model: onnx.ModelProto) -> list[str]:
     return bad
 
 
+def tensor_array(t: onnx.TensorProto, base_dir: str | None) -> np.ndarray:
+    """A tensor's value; external data through the validated reader, relative to ``base_dir``."""
+    if not is_external(t):
+        return numpy_helper.to_array(t)
+    if base_dir is None:
+        raise NotVerifiableError(f"tensor '{t.name}' is external data of an in-memory model whose folder is not known")
+    embedded = onnx.TensorProto()
+    embedded.CopyFrom(t)
+    del embedded.external_data[:]
+    embedded.ClearField("data_location")
+    embedded.raw_data = read_external(t, base_dir)
+    return numpy_helper.to_array(embedded)
+
+
 class Evaluator:
     """Runs the main graph of a model in numpy, node by node.
 
@@ -450,14 +464,7 @@ class Evaluator:
             raise NotVerifiableError(f"bnfold's numpy reference evaluator cannot run node {', '.join(bad[:3])}{more}")
         self.graph = model.graph
         self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
-        self.initializers = {
-            t.name: (
-                numpy_helper.to_array(t, base_dir or os.getcwd())
-                if t.data_location == onnx.TensorProto.EXTERNAL
-                else numpy_helper.to_array(t)
-            )
-            for t in model.graph.initializer
-        }
+        self.initializers = {t.name: tensor_array(t, base_dir) for t in model.graph.initializer}
         self.output_names = [o.name for o in model.graph.output]
         self.input_names = [i.name for i in model.graph.input if i.name not in self.initializers]
 

@@ -3,7 +3,8 @@
 Generated values (seeded, one independent draw per trial):
 
 - floating point (float16, bfloat16, float32, float64): standard normal, ``N(0, 1)``,
-  rounded to the input's dtype;
+  rounded to the input's dtype; uniform over ``[LO, HI]`` with ``--val-range NAME:LO,HI``
+  (or ``--val-range LO,HI`` for every float input), as polygraphy does;
 - integers: uniform over ``LO..HI`` inclusive (:data:`DEFAULT_INT_RANGE`, set with
   ``--input-range LO,HI``), clipped to what the dtype can hold;
 - bool: ``True`` or ``False`` with probability 1/2.
@@ -22,8 +23,7 @@ the trials it holds.
 
 from __future__ import annotations
 
-import json
-import zipfile
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -33,10 +33,13 @@ import onnx
 from onnx import helper
 
 from bnfold.errors import InputFileError, InputShapeError, NotVerifiableError
+from bnfold.verify.iofile import SAVE_IO_MARKER, load_npz  # noqa: F401 - SAVE_IO_MARKER re-exported
 
 DEFAULT_INT_RANGE: tuple[int, int] = (0, 9)
 DEFAULT_TRIALS = 3
-SAVE_IO_MARKER = "__bnfold_io__"
+# Generated inputs of one trial may take at most this many bytes (a declared 1x3x100000x100000
+# float32 input would be 112 GiB): beyond it verification stops with exit 6, saying which input.
+MAX_GENERATED_BYTES = 2 << 30
 
 Dim = int | str | None
 Feed = dict[str, np.ndarray]
@@ -80,6 +83,12 @@ class InputOptions:
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     int_range: tuple[int, int] = DEFAULT_INT_RANGE
     files: list[str] = field(default_factory=list)
+    # Float inputs drawn uniformly from [LO, HI] instead of N(0, 1): by input name, "" for every input.
+    val_ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
+
+    def val_range(self, name: str) -> tuple[float, float] | None:
+        """``--val-range`` of one input (its own, else the one for every input), or None."""
+        return self.val_ranges.get(name, self.val_ranges.get(""))
 
 
 @dataclass
@@ -178,6 +187,23 @@ def parse_input_shape(text: str) -> tuple[str, tuple[int, ...]]:
     if any(d < 0 for d in shape):
         raise ValueError(f"'{text}': dimensions must not be negative")
     return name, shape
+
+
+def parse_val_range(text: str) -> tuple[str, tuple[float, float]]:
+    """``"NAME:LO,HI"`` -> ``("NAME", (LO, HI))``, ``"LO,HI"`` -> ``("", (LO, HI))`` for every
+    float input; finite, LO <= HI; ValueError with a reason.  The name is everything before
+    the last colon."""
+    name, _, values = text.rpartition(":")
+    parts = values.split(",")
+    try:
+        lo, hi = (float(p) for p in parts)
+    except ValueError:
+        raise ValueError(f"'{text}' is not [NAME:]LO,HI with two numbers (for example x:0,1)") from None
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise ValueError(f"'{text}': LO and HI must be finite")
+    if lo > hi:
+        raise ValueError(f"'{text}': LO must not exceed HI")
+    return name, (lo, hi)
 
 
 def parse_int_range(text: str) -> tuple[int, int]:
@@ -288,13 +314,19 @@ def _placeholder(d: Dim, axis: int) -> str:
 
 
 def generate(
-    spec: InputSpec, shape: tuple[int, ...], rng: np.random.Generator, int_range: tuple[int, int]
+    spec: InputSpec,
+    shape: tuple[int, ...],
+    rng: np.random.Generator,
+    int_range: tuple[int, int],
+    val_range: tuple[float, float] | None = None,
 ) -> np.ndarray:
     """One random array for ``spec`` (distributions in the module docstring)."""
     dt = spec.dtype
     if dt == np.bool_:
         return np.asarray(rng.random(shape) < 0.5)
     if dt.kind == "f" or dt == ml_dtypes.bfloat16:
+        if val_range is not None:
+            return rng.uniform(val_range[0], val_range[1], shape).astype(dt)
         return rng.standard_normal(shape).astype(dt)
     if dt.kind in "iu":
         info = np.iinfo(dt)
@@ -310,34 +342,6 @@ def generate(
 def trial_rng(seed: int, trial: int) -> np.random.Generator:
     """Independent, reproducible generator of one trial."""
     return np.random.default_rng([seed, trial])
-
-
-def load_npz(path: str) -> list[Feed]:
-    """Arrays of an input file: one feed, or every trial of a ``--save-io`` file.
-
-    Raises:
-        InputFileError: the file cannot be read as ``.npz``.
-    """
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
-        raise InputFileError(
-            f"{path}: cannot read as .npz ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
-        ) from e
-    if SAVE_IO_MARKER not in arrays:
-        return [arrays]
-    meta = json.loads(str(arrays[SAVE_IO_MARKER]))
-    feeds = []
-    for k in range(int(meta["trials"])):
-        prefix = f"trial{k}/input/"
-        feeds.append({key[len(prefix) :]: _restore(arrays[key], meta, key) for key in arrays if key.startswith(prefix)})
-    return feeds
-
-
-def _restore(a: np.ndarray, meta: dict, key: str) -> np.ndarray:
-    dtype = meta.get("dtypes", {}).get(key)
-    return a.astype(ml_dtypes.bfloat16) if dtype == "bfloat16" else a
 
 
 def check_feed(path: str, feed: Feed, specs: Sequence[InputSpec]) -> Feed:
@@ -373,6 +377,40 @@ def _kind(dt: np.dtype) -> str:
     return "f" if dt == ml_dtypes.bfloat16 else dt.kind
 
 
+def check_size(shapes: Mapping[str, tuple[int, ...]], specs: Sequence[InputSpec]) -> None:
+    """Refuse to generate inputs of more than :data:`MAX_GENERATED_BYTES` per trial.
+
+    Raises:
+        InputShapeError: naming the biggest input, its shape and its size (exit code 6).
+    """
+    by_name = {s.name: s for s in specs}
+    sizes = {n: math.prod(shape) * by_name[n].dtype.itemsize for n, shape in shapes.items() if n in by_name}
+    total = sum(sizes.values())
+    if total > MAX_GENERATED_BYTES:
+        name = max(sizes, key=lambda n: sizes[n])
+        shape = ",".join(map(str, shapes[name]))
+        raise InputShapeError(
+            f"input '{name}' {by_name[name].dtype.name}[{shape}] is too big to generate: {sizes[name]} bytes "
+            f"({total} for all inputs of a trial, at most {MAX_GENERATED_BYTES}); give a smaller shape with "
+            f"--input-shape, or real data with --inputs"
+        )
+
+
+def _check_val_ranges(options: InputOptions, specs: Sequence[InputSpec]) -> None:
+    by_name = {s.name: s for s in specs}
+    for name in options.val_ranges:
+        if not name:
+            continue
+        spec = by_name.get(name)
+        if spec is None:
+            known = ", ".join(by_name) or "none"
+            raise InputShapeError(f"--val-range {name}: the model has no input '{name}' (inputs: {known})")
+        if _kind(spec.dtype) != "f":
+            raise InputShapeError(
+                f"--val-range {name}: input '{name}' is {spec.dtype.name}, not float; use --input-range for integers"
+            )
+
+
 def make_inputs(model: onnx.ModelProto, options: InputOptions | None = None) -> InputPlan:
     """Feeds of every trial: input files first (one or more trials each), then generated trials.
 
@@ -383,6 +421,7 @@ def make_inputs(model: onnx.ModelProto, options: InputOptions | None = None) -> 
     """
     options = options or InputOptions()
     specs = graph_inputs(model)
+    _check_val_ranges(options, specs)
     feeds: list[Feed] = []
     sources: list[str] = []
     notes: list[str] = []
@@ -395,8 +434,9 @@ def make_inputs(model: onnx.ModelProto, options: InputOptions | None = None) -> 
             if missing:
                 shapes = resolve_shapes(specs, given, notes)
                 rng = trial_rng(options.seed, 10_000 + len(feeds))
+                check_size({s.name: shapes[s.name] for s in missing}, specs)
                 for s in missing:
-                    feed[s.name] = generate(s, shapes[s.name], rng, options.int_range)
+                    feed[s.name] = generate(s, shapes[s.name], rng, options.int_range, options.val_range(s.name))
                 notes.append(f"{path}: generated {', '.join(s.name for s in missing)}")
             feeds.append(feed)
             sources.append(path if k == 0 else f"{path}#{k}")
@@ -407,9 +447,12 @@ def make_inputs(model: onnx.ModelProto, options: InputOptions | None = None) -> 
         given = {n: a.shape for n, a in (first_file or {}).items()}
         given.update(options.shapes)
         shapes = resolve_shapes(specs, given, notes)
+        check_size(shapes, specs)
         for t in range(trials):
             rng = trial_rng(options.seed, t)
-            feeds.append({s.name: generate(s, shapes[s.name], rng, options.int_range) for s in specs})
+            feeds.append(
+                {s.name: generate(s, shapes[s.name], rng, options.int_range, options.val_range(s.name)) for s in specs}
+            )
             sources.append(f"generated #{t + 1} (seed {options.seed})")
     if not feeds:
         raise InputFileError("no inputs to verify with: --trials 0 and no --inputs file")
