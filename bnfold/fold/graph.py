@@ -103,6 +103,8 @@ class GraphView:
         self.inputs = {i.name for i in graph.input}
         self.outputs = {o.name for o in graph.output}
         self._cache: dict[str, object] = {}
+        # Tensors left non-constant because evaluating them would pass the size bound: why.
+        self.oversized: dict[str, str] = {}
         self.removed: set[int] = set()
         self.new_initializers: list[onnx.TensorProto] = []
         self.dropped_initializers: set[str] = set()
@@ -191,22 +193,33 @@ class GraphView:
             return constants.evaluate(node, [], self.ctx.opset)
         if node.op_type not in constants.EVALUATORS or list(node.output).index(name) != 0:
             return None
-        values = []
+        values: list[np.ndarray | None] = []
         for k, i in enumerate(node.input):
             if not i:
                 values.append(None)
                 continue
             if node.op_type in constants.SHAPE_ONLY and k == 0:
                 shape = self.static_shape(i)
-                v = np.empty(shape, dtype=np.uint8) if shape is not None else None
+                # A zero-strided stand-in: only the shape is read, nothing is allocated.
+                v = (
+                    np.broadcast_to(np.zeros((), dtype=np.uint8), shape)
+                    if shape is not None and all(d >= 0 for d in shape)
+                    else None
+                )
             elif (node.op_type, k) in constants.TYPE_ONLY and self.tensor_dtype(i):
                 v = constants.empty_of_type(self.tensor_dtype(i))
             else:
                 v = self.constant(i)
             if v is None:
+                if i in self.oversized:
+                    self.oversized[name] = self.oversized[i]
                 return None
             values.append(v)
-        return constants.evaluate(node, values, self.ctx.opset)
+        try:
+            return constants.evaluate(node, values, self.ctx.opset)
+        except constants.ConstantTooLarge as e:
+            self.oversized[name] = str(e)
+            return None
 
     def static_shape(self, name: str) -> tuple[int, ...] | None:
         """Fully known shape of a tensor (from a constant or from shape inference)."""
