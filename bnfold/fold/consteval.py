@@ -444,6 +444,8 @@ def _clip(node, ins, opset):
         lo, hi = _attr(node, "min", None), _attr(node, "max", None)
         lo = None if lo is None else F64(np.float32(lo))
         hi = None if hi is None else F64(np.float32(hi))
+        if lo is not None and hi is not None and lo > hi:
+            raise ValueError("Clip-6 with min > max")  # onnxruntime refuses such a node
     else:
         lo = ins[1] if len(ins) > 1 and ins[1] is not None else None
         hi = ins[2] if len(ins) > 2 and ins[2] is not None else None
@@ -487,9 +489,9 @@ def _reduce(fn: Callable[..., np.ndarray], axes_input_since: int) -> Kernel:
             axes = None if a is None else list(a)
         keep = bool(_attr(node, "keepdims", 1))
         if not axes:
-            if opset >= axes_input_since and _attr(node, "noop_with_empty_axes", 0):
-                return x
-            axes = list(range(x.ndim))
+            # noop_with_empty_axes reduces over no axis: ReduceSumSquare still squares.
+            noop = opset >= axes_input_since and _attr(node, "noop_with_empty_axes", 0)
+            axes = [] if noop else list(range(x.ndim))
         norm = tuple(sorted({a % x.ndim for a in axes})) if x.ndim else ()
         with np.errstate(all="ignore"):
             return np.asarray(fn(x, axis=norm, keepdims=keep))
