@@ -575,3 +575,51 @@ def test_graph_view_constant_and_dead_chain_removed():
         *(i for n in folded.graph.node for i in n.input),
     }
     assert len(folded.graph.initializer) == 2  # the folded weight and bias only
+
+
+def test_deep_constant_chains_do_not_recurse():
+    """3,000 Identity ops feeding a BN scale and 3,000 Adds making a Mul's constant (issue 15): both fold."""
+    depth = 3000
+    n = [helper.make_node("Conv", ["x", "w"], ["c"]), helper.make_node("Conv", ["x", "w"], ["c2"])]
+    prev = "gamma"
+    for k in range(depth):
+        n.append(helper.make_node("Identity", [prev], [f"id{k}"]))
+        prev = f"id{k}"
+    n.append(helper.make_node("BatchNormalization", ["c", prev, "b", "b", "v"], ["y1"]))
+    prev = "step"
+    for k in range(depth):
+        n.append(helper.make_node("Add", [prev, "step"], [f"add{k}"]))
+        prev = f"add{k}"
+    n.append(helper.make_node("Mul", ["c2", prev], ["y2"]))
+    inits = [
+        numpy_helper.from_array(np.ones((2, 2, 1, 1), np.float32), "w"),
+        numpy_helper.from_array(np.full(2, 1.5, np.float32), "gamma"),
+        numpy_helper.from_array(np.zeros(2, np.float32), "b"),
+        numpy_helper.from_array(np.ones(2, np.float32), "v"),
+        numpy_helper.from_array(np.full((2, 1, 1), 0.001, np.float32), "step"),
+    ]
+    g = helper.make_graph(
+        n,
+        "deep",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 3, 3])],
+        [helper.make_tensor_value_info(y, TensorProto.FLOAT, [1, 2, 3, 3]) for y in ("y1", "y2")],
+        inits,
+    )
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    result = bnfold.fold_model(model)
+    assert {f.op_type for f in result.report.folds} == {"BatchNormalization", "Mul"}
+    assert [x.op_type for x in result.model.graph.node] == ["Conv", "Conv"]
+    assert_same_outputs(model, result.model)
+
+
+def test_cycle_is_no_constant():
+    """An (invalid) cycle among constant-looking ops ends the walk: no constant, no hang."""
+    g = helper.make_graph(
+        [helper.make_node("Add", ["a", "one"], ["b"]), helper.make_node("Add", ["b", "one"], ["a"])],
+        "cycle",
+        [],
+        [helper.make_tensor_value_info("a", TensorProto.FLOAT, [1])],
+        [numpy_helper.from_array(np.ones(1, np.float32), "one")],
+    )
+    view = GraphView(g, ModelContext(opset=17, ir_version=8))
+    assert view.constant("a") is None and view.constant("b") is None

@@ -27,7 +27,9 @@ unless one of its inputs already holds as many (a Transpose or Cast of a big
 initializer is fine; an Expand or ConstantOfShape of a huge shape is not).  The
 element count is computed with Python integers before anything is allocated;
 past the bound :func:`evaluate` raises :class:`ConstantTooLarge`, and the tensor
-is not a constant.
+is not a constant.  Called directly (as the verifier's numpy evaluator calls
+:data:`EVALUATORS` on real activations) the functions keep the looser
+:data:`RUNTIME_MAX_ELEMENTS` and no MatMul cost bound.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from __future__ import annotations
 import math
 import weakref
 from collections.abc import Callable, Sequence
+from contextvars import ContextVar
 
 import numpy as np
 import onnx
@@ -48,6 +51,10 @@ Evaluator = Callable[[onnx.NodeProto, list, int], np.ndarray]
 MAX_ELEMENTS = 1 << 24
 # MatMul of constants: the most multiply-adds it may cost.
 MAX_MATMUL_OPS = 1 << 30
+# The bound when the functions of :data:`EVALUATORS` are called directly, as the
+# verifier's numpy evaluator does on real activations (not through :func:`evaluate`).
+RUNTIME_MAX_ELEMENTS = 1 << 31
+_BOUNDED: ContextVar[bool] = ContextVar("bnfold_consteval_bounded", default=False)
 
 F64 = np.float64
 
@@ -120,7 +127,8 @@ def check_size(shape: Sequence[int], *inputs: np.ndarray | None, what: str = "te
     """
     dims = tuple(int(d) for d in shape)
     n = elements(dims)
-    allowed = max([MAX_ELEMENTS, *(int(x.size) for x in inputs if x is not None)])
+    bound = MAX_ELEMENTS if _BOUNDED.get() else RUNTIME_MAX_ELEMENTS
+    allowed = max([bound, *(int(x.size) for x in inputs if x is not None)])
     if n > allowed:
         raise ConstantTooLarge(f"a {what} of shape {list(dims)} would hold {n} elements (the bound is {allowed})")
     return dims
@@ -290,7 +298,7 @@ def _concat(node, ins, opset):
     shape[ax] = sum(int(x.shape[ax]) for x in ins)
     # Only distinct inputs count: Concat(x, x, x, ...) must not grow past the bound.
     distinct = list({id(x): x for x in ins}.values())
-    limit = max(MAX_ELEMENTS, sum(int(x.size) for x in distinct))
+    limit = max(MAX_ELEMENTS if _BOUNDED.get() else RUNTIME_MAX_ELEMENTS, sum(int(x.size) for x in distinct))
     if elements(shape) > limit:
         raise ConstantTooLarge(f"a Concat result of shape {shape} would exceed the bound")
     return np.concatenate(ins, axis=axis)
@@ -474,7 +482,7 @@ def _matmul(node, ins, opset):
     batch = np.broadcast_shapes(a2.shape[:-2], b2.shape[:-2])
     out = (*batch, a2.shape[-2], b2.shape[-1])
     check_size(out, a, b, what="MatMul result")
-    if elements(out) * int(a2.shape[-1]) > MAX_MATMUL_OPS:
+    if _BOUNDED.get() and elements(out) * int(a2.shape[-1]) > MAX_MATMUL_OPS:
         raise ConstantTooLarge(f"a MatMul of {list(a.shape)} by {list(b.shape)} costs too much to evaluate")
     return np.matmul(a, b)
 
@@ -717,9 +725,12 @@ def evaluate(node: onnx.NodeProto, inputs: list, opset: int) -> np.ndarray | Non
         return constant_node_value(node)
     if node.op_type not in EVALUATORS or node.domain not in ("", "ai.onnx"):
         return None
+    token = _BOUNDED.set(True)
     try:
         return _evaluate(node, inputs, opset)
     except ConstantTooLarge:
         raise
     except (ValueError, TypeError, IndexError, KeyError, ArithmeticError, AttributeError):
         return None
+    finally:
+        _BOUNDED.reset(token)

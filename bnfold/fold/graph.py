@@ -172,9 +172,43 @@ class GraphView:
         hit = self._cache.get(name, _MISSING)
         if hit is not _MISSING:
             return hit  # type: ignore[return-value]
-        value = self._compute_constant(name)
-        self._cache[name] = value
-        return value
+        # Iterative post-order walk (a constant chain may be thousands of ops long):
+        # a name is computed once every input it reads the value of is cached.
+        stack, on_stack = [name], {name}
+        while stack:
+            top = stack[-1]
+            pending = None
+            for i in self._value_inputs(top):
+                v = self._cache.get(i, _MISSING)
+                if v is None:
+                    break  # an input is no constant: _compute_constant says None (and why)
+                if v is _MISSING:
+                    pending = i
+                    break
+            if pending is not None and pending not in on_stack:
+                stack.append(pending)
+                on_stack.add(pending)
+                continue
+            stack.pop()
+            on_stack.discard(top)
+            # With a cycle (an invalid graph) the input still pending reads as no constant.
+            self._cache[top] = None if pending is not None else self._compute_constant(top)
+        return self._cache[name]  # type: ignore[return-value]
+
+    def _value_inputs(self, name: str) -> list[str]:
+        """Names of this graph whose constant values :meth:`_compute_constant` reads for ``name``."""
+        if name in self.initializers:
+            return []
+        node = self.producer.get(name)
+        if node is None or node.op_type not in constants.EVALUATORS or list(node.output).index(name) != 0:
+            return []
+        return [
+            i
+            for k, i in enumerate(node.input)
+            if i
+            and not (node.op_type in constants.SHAPE_ONLY and k == 0)
+            and not ((node.op_type, k) in constants.TYPE_ONLY and self.tensor_dtype(i))
+        ]
 
     def _compute_constant(self, name: str) -> np.ndarray | None:
         if name in self.initializers:
