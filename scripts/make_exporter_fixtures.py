@@ -21,7 +21,8 @@ gammas, betas and running statistics, so a wrong fold shows.  Files:
   ``frozen_bn_block_ts17.onnx``: the same block, TorchScript exporter with
   ``do_constant_folding=False`` (the chain is kept as computed constants).
 
-    . /work/venvs/export/bin/activate && python scripts/make_exporter_fixtures.py
+    pip install torch==2.14.1 torchvision==0.29.1 timm onnx onnxscript   # in a separate venv
+    python scripts/make_exporter_fixtures.py [--out tests/fixtures]
 """
 
 from __future__ import annotations

@@ -16,7 +16,8 @@ statistics are randomized so that a wrong fold shows.  Files:
   variance 1), then a ``Conv2D -> BN`` stem.  The layer's ``(x - 0) / 1`` comes
   out of TF's grappler as ``Add(x, 0)`` and ``Mul(x, 1)`` ([1,1,1,3] constants).
 
-    . /work/venvs/tf/bin/activate && python scripts/make_keras_fixtures.py [--out tests/fixtures/keras]
+    pip install tensorflow-cpu tf_keras tf2onnx   # in a separate venv
+    python scripts/make_keras_fixtures.py [--out tests/fixtures/keras]
 """
 
 from __future__ import annotations

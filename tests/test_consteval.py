@@ -623,3 +623,59 @@ def test_cycle_is_no_constant():
     )
     view = GraphView(g, ModelContext(opset=17, ir_version=8))
     assert view.constant("a") is None and view.constant("b") is None
+
+
+def test_shadow_is_float64_and_cast_ends_it():
+    """``exact`` gives the unrounded float64 value of a computed chain; an explicit Cast rounds for good."""
+    x = np.array([3.0], dtype=np.float32)
+    third = consteval.evaluate(helper.make_node("Reciprocal", ["x"], ["y"]), [x], 13)
+    assert third is not None and third.dtype == np.float32
+    assert consteval.exact(third).dtype == np.float64 and consteval.exact(third)[0] == 1 / 3
+    tripled = consteval.evaluate(helper.make_node("Mul", ["a", "b"], ["y"]), [third, x], 13)
+    assert tripled is not None and consteval.exact(tripled)[0] == 1.0  # float64 (1/3) * 3, rounded once
+    half = consteval.evaluate(helper.make_node("Cast", ["a"], ["y"], to=TensorProto.FLOAT16), [third], 13)
+    assert half is not None and consteval.exact(half)[0] == float(np.float16(1 / 3))
+
+
+CHAIN_UNARY = ["Sqrt", "Reciprocal", "Abs", "Neg", "Exp", "Tanh"]
+CHAIN_BINARY = ["Add", "Sub", "Mul", "Div", "Max", "Min", "Pow"]
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    steps=st.lists(st.tuples(st.sampled_from(CHAIN_UNARY + CHAIN_BINARY), st.integers(0, 10)), min_size=1, max_size=6),
+    shapes=hnp.mutually_broadcastable_shapes(num_shapes=3, max_dims=3, max_side=3),
+    dtype=st.sampled_from(["float32", "float64"]),
+    seed=seeds,
+)
+def test_constant_subgraph_matches_onnxruntime(steps, shapes, dtype, seed):
+    """A random chain of ops on initializers, through GraphView.constant, against onnxruntime running it.
+
+    Values are kept in [0.5, 2]-ish ranges (each unary result passes through
+    ``Abs`` then ``Add 0.5``) so every op stays well conditioned.
+    """
+    rng = np.random.default_rng(seed)
+    inits = [numpy_helper.from_array(values(rng, s, dtype, 0.5, 2), f"c{k}") for k, s in enumerate(shapes.input_shapes)]
+    inits.append(numpy_helper.from_array(np.array(0.5, dtype=dtype), "half"))
+    nodes, prev = [], "c0"
+    for k, (op, pick) in enumerate(steps):
+        other = f"c{pick % 3}"
+        if op in CHAIN_UNARY:
+            nodes.append(helper.make_node(op, [prev], [f"u{k}"]))
+            nodes.append(helper.make_node("Abs", [f"u{k}"], [f"a{k}"]))
+            nodes.append(helper.make_node("Add", [f"a{k}", "half"], [f"s{k}"]))
+        else:
+            nodes.append(helper.make_node(op, [prev, other] if pick % 2 else [other, prev], [f"b{k}"]))
+            nodes.append(helper.make_node("Abs", [f"b{k}"], [f"a{k}"]))
+            nodes.append(helper.make_node("Add", [f"a{k}", "half"], [f"s{k}"]))
+        prev = f"s{k}"
+    t = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    g = helper.make_graph(nodes, "chain", [], [helper.make_value_info(prev, onnx.TypeProto())], inits)
+    model = onnx.shape_inference.infer_shapes(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]))
+    assert model.graph.output[0].type.tensor_type.elem_type == t
+    want = session(model).run(None, {})[0]
+    got = GraphView(model.graph, ModelContext(opset=17, ir_version=model.ir_version)).constant(prev)
+    assert got is not None and got.dtype == want.dtype and got.shape == want.shape
+    w64 = want.astype(np.float64)
+    tol = 1e-4 if dtype == "float32" else 1e-10  # a few float32 roundings, amplified by Exp and Pow
+    np.testing.assert_allclose(got.astype(np.float64), w64, rtol=tol, atol=tol)

@@ -21,6 +21,9 @@ Precision: float ops compute in float64 and round the result to the op's dtype.
 The unrounded float64 value is kept beside each computed float tensor and the
 next op of a constant chain starts from it (:func:`exact`), so a chain such as
 ``w * (1 / sqrt(var + eps))`` is rounded once, at its end, like a BN's fold.
+A ``Cast`` is a rounding the model asks for: the chain restarts from its result.
+Inputs bigger than :data:`MAX_ELEMENTS` are computed in their own dtype (no
+float64 copies of a big initializer).
 
 Size bound: no evaluated tensor may hold more than :data:`MAX_ELEMENTS` elements
 unless one of its inputs already holds as many (a Transpose or Cast of a big
@@ -162,7 +165,7 @@ def _shadow(value: np.ndarray) -> np.ndarray | None:
 
 
 def _remember(value: np.ndarray, value64: np.ndarray) -> None:
-    if value.dtype == F64 or value64.shape != value.shape:
+    if value.dtype == F64 or value64.dtype != F64 or value64.shape != value.shape:
         return
     key = id(value)
 
@@ -598,10 +601,15 @@ def _run_kernel(op: str, node: onnx.NodeProto, ins: list, opset: int, shadows: b
     dtype = present[0].dtype
     if dtype == np.bool_ or dtype.kind not in "fiuV" or (dtype.kind == "V" and not is_float(dtype)):
         raise TypeError(f"{op} of {dtype}")
-    if is_float(dtype):
+    if is_float(dtype) and all(x.size <= MAX_ELEMENTS for x in present):
         args = [None if x is None else (_shadow(x) if shadows and _shadow(x) is not None else _as64(x)) for x in ins]
         out64 = np.asarray(KERNELS[op](node, args, opset))
         return out64.astype(dtype), out64
+    if is_float(dtype):
+        # Past the bound (a big initializer) float64 copies would cost 2-4x its size:
+        # compute in its own dtype, as a runtime does.
+        out = np.asarray(KERNELS[op](node, list(ins), opset)).astype(dtype)
+        return out, out
     out = np.asarray(KERNELS[op](node, list(ins), opset))
     if op == "Pow" or out.dtype != dtype:
         out = out.astype(dtype)
@@ -702,13 +710,8 @@ def _evaluate(node: onnx.NodeProto, inputs: list, opset: int) -> np.ndarray:
     out = np.asarray(EVALUATORS[op](node, inputs, opset))
     if not is_float(out.dtype):
         return out
-    if op in ("Cast", "CastLike"):
-        src = _shadow(inputs[0])
-        if src is not None:
-            _remember(out, src)
-        elif is_float(inputs[0].dtype) and inputs[0].dtype.itemsize > out.dtype.itemsize:
-            _remember(out, inputs[0].astype(F64))  # a narrowing Cast: keep the wider value
-    elif op in _MOVES and any(x is not None and _shadow(x) is not None for x in inputs):
+    # A Cast is a rounding the model asks for: its result has no unrounded value.
+    if op in _MOVES and any(x is not None and _shadow(x) is not None for x in inputs):
         args = [_shadow(x) if x is not None and _shadow(x) is not None else _as64(x) for x in inputs]
         _remember(out, np.asarray(EVALUATORS[op](node, args, opset)))
     return out
