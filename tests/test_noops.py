@@ -233,3 +233,33 @@ def test_only_selector_and_cli_reports(tmp_path):
     text = json.dumps(data)
     assert '"pattern": "Sub(0)"' in text
     assert op_count(onnx.load(str(out)), "Sub") == 0
+
+
+def test_noop_between_conv_and_bn_no_longer_blocks_the_fold():
+    """``Conv -> Div(1) -> BN``: the Div goes first, then the BN folds into the Conv."""
+    rng = np.random.default_rng(0)
+    c = 3
+    g = helper.make_graph(
+        [
+            helper.make_node("Conv", ["x", "w"], ["c"]),
+            helper.make_node("Div", ["c", "one"], ["d"]),
+            helper.make_node("BatchNormalization", ["d", "g", "b", "m", "v"], ["y"]),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, c, 4, 4])],
+        [
+            numpy_helper.from_array(rng.standard_normal((c, 2, 1, 1)).astype(np.float32), "w"),
+            numpy_helper.from_array(np.ones((1, c, 1, 1), np.float32), "one"),
+            numpy_helper.from_array(rng.uniform(0.5, 1.5, c).astype(np.float32), "g"),
+            numpy_helper.from_array(rng.normal(0, 1, c).astype(np.float32), "b"),
+            numpy_helper.from_array(rng.normal(0, 1, c).astype(np.float32), "m"),
+            numpy_helper.from_array(rng.uniform(0.5, 1.5, c).astype(np.float32), "v"),
+        ],
+    )
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    result = bnfold.fold_model(model)
+    assert [n.op_type for n in result.model.graph.node] == ["Conv"]
+    assert [f.pattern for f in result.report.folds] == ["Div(1)", "Conv+BatchNormalization"]
+    feeds = random_feeds(model)
+    np.testing.assert_allclose(run(model, feeds)[0], run(result.model, feeds)[0], rtol=1e-5, atol=1e-5)
