@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import onnx
 
+from bnfold.fold import noops
 from bnfold.fold.graph import (
     ExternalReader,
     GraphView,
@@ -129,6 +130,7 @@ def _fold_graph(
     only: Selector | None = None,
 ) -> set[str]:
     """Fold one graph (nested graphs first); return outer names it stopped reading."""
+    report.folds.extend(noops.run(graph, ctx, outer, path, only))
     view = GraphView(graph, ctx, outer, path)
     from_inner: set[str] = set()
     for node in view.nodes:

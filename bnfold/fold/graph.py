@@ -103,6 +103,8 @@ class GraphView:
         self.inputs = {i.name for i in graph.input}
         self.outputs = {o.name for o in graph.output}
         self._cache: dict[str, object] = {}
+        # Tensors left non-constant because evaluating them would pass the size bound: why.
+        self.oversized: dict[str, str] = {}
         self.removed: set[int] = set()
         self.new_initializers: list[onnx.TensorProto] = []
         self.dropped_initializers: set[str] = set()
@@ -170,9 +172,43 @@ class GraphView:
         hit = self._cache.get(name, _MISSING)
         if hit is not _MISSING:
             return hit  # type: ignore[return-value]
-        value = self._compute_constant(name)
-        self._cache[name] = value
-        return value
+        # Iterative post-order walk (a constant chain may be thousands of ops long):
+        # a name is computed once every input it reads the value of is cached.
+        stack, on_stack = [name], {name}
+        while stack:
+            top = stack[-1]
+            pending = None
+            for i in self._value_inputs(top):
+                v = self._cache.get(i, _MISSING)
+                if v is None:
+                    break  # an input is no constant: _compute_constant says None (and why)
+                if v is _MISSING:
+                    pending = i
+                    break
+            if pending is not None and pending not in on_stack:
+                stack.append(pending)
+                on_stack.add(pending)
+                continue
+            stack.pop()
+            on_stack.discard(top)
+            # With a cycle (an invalid graph) the input still pending reads as no constant.
+            self._cache[top] = None if pending is not None else self._compute_constant(top)
+        return self._cache[name]  # type: ignore[return-value]
+
+    def _value_inputs(self, name: str) -> list[str]:
+        """Names of this graph whose constant values :meth:`_compute_constant` reads for ``name``."""
+        if name in self.initializers:
+            return []
+        node = self.producer.get(name)
+        if node is None or node.op_type not in constants.EVALUATORS or list(node.output).index(name) != 0:
+            return []
+        return [
+            i
+            for k, i in enumerate(node.input)
+            if i
+            and not (node.op_type in constants.SHAPE_ONLY and k == 0)
+            and not ((node.op_type, k) in constants.TYPE_ONLY and self.tensor_dtype(i))
+        ]
 
     def _compute_constant(self, name: str) -> np.ndarray | None:
         if name in self.initializers:
@@ -191,22 +227,33 @@ class GraphView:
             return constants.evaluate(node, [], self.ctx.opset)
         if node.op_type not in constants.EVALUATORS or list(node.output).index(name) != 0:
             return None
-        values = []
+        values: list[np.ndarray | None] = []
         for k, i in enumerate(node.input):
             if not i:
                 values.append(None)
                 continue
             if node.op_type in constants.SHAPE_ONLY and k == 0:
                 shape = self.static_shape(i)
-                v = np.empty(shape, dtype=np.uint8) if shape is not None else None
+                # A zero-strided stand-in: only the shape is read, nothing is allocated.
+                v = (
+                    np.broadcast_to(np.zeros((), dtype=np.uint8), shape)
+                    if shape is not None and all(d >= 0 for d in shape)
+                    else None
+                )
             elif (node.op_type, k) in constants.TYPE_ONLY and self.tensor_dtype(i):
                 v = constants.empty_of_type(self.tensor_dtype(i))
             else:
                 v = self.constant(i)
             if v is None:
+                if i in self.oversized:
+                    self.oversized[name] = self.oversized[i]
                 return None
             values.append(v)
-        return constants.evaluate(node, values, self.ctx.opset)
+        try:
+            return constants.evaluate(node, values, self.ctx.opset)
+        except constants.ConstantTooLarge as e:
+            self.oversized[name] = str(e)
+            return None
 
     def static_shape(self, name: str) -> tuple[int, ...] | None:
         """Fully known shape of a tensor (from a constant or from shape inference)."""

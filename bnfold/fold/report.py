@@ -28,6 +28,7 @@ class Reason(str, Enum):
     NOT_PER_CHANNEL = "not_per_channel"
     OUTPUT_SHARED_AFTER = "output_shared"
     EXCLUDED = "excluded"
+    CONSTANT_TOO_LARGE = "constant_too_large"
 
 
 REASON_TEXT: dict[Reason, str] = {
@@ -47,6 +48,7 @@ REASON_TEXT: dict[Reason, str] = {
     Reason.NOT_PER_CHANNEL: "the constant is not per-channel",
     Reason.OUTPUT_SHARED_AFTER: "its output has another consumer or is a graph output (the next Conv cannot absorb it)",
     Reason.EXCLUDED: "left out on request (--keep-safe: its fold failed verification)",
+    Reason.CONSTANT_TOO_LARGE: "a constant it needs is too large to evaluate (bound: 2**24 elements)",
 }
 
 

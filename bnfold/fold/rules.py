@@ -17,6 +17,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from bnfold.fold import consteval
 from bnfold.fold import math as fm
 from bnfold.fold.graph import GraphView
 from bnfold.fold.report import Reason
@@ -104,6 +105,7 @@ def read_bn(view: GraphView, node: onnx.NodeProto) -> Affine:
     names = ("scale", "bias", "mean", "var")
     for nm, p, src in zip(names, params, node.input[1:5], strict=True):
         if p is None:
+            too_large(view, src)
             raise Rejected(Reason.NON_CONSTANT_PARAMS, f"its {nm} '{src}' is not a constant")
         if p.dtype.kind not in "fV" and not str(p.dtype) == "bfloat16":
             raise Rejected(Reason.INVALID_PARAMS, f"its {nm} has dtype {p.dtype}")
@@ -171,6 +173,13 @@ def channel_dim(view: GraphView, name: str) -> int | None:
     return None
 
 
+def too_large(view: GraphView, name: str) -> None:
+    """Rejected with ``constant_too_large`` when ``name`` is no constant only because of the size bound."""
+    why = view.oversized.get(name)
+    if why is not None:
+        raise Rejected(Reason.CONSTANT_TOO_LARGE, f"'{name}' is not evaluated as a constant: {why}")
+
+
 def read_arith(view: GraphView, node: onnx.NodeProto) -> Affine | None:
     """A Mul/Add/Sub/Div by one float constant as a per-channel affine map.
 
@@ -184,6 +193,9 @@ def read_arith(view: GraphView, node: onnx.NodeProto) -> Affine | None:
     if len(node.input) != 2:
         return None
     consts = [view.constant(i) for i in node.input]
+    if consts[0] is None and consts[1] is None:
+        for i in node.input:
+            too_large(view, i)
     if (consts[0] is None) == (consts[1] is None):
         return None
     k = 0 if consts[0] is not None else 1
@@ -213,9 +225,9 @@ def read_arith(view: GraphView, node: onnx.NodeProto) -> Affine | None:
             raise Rejected(
                 Reason.SHAPE_MISMATCH, f"{where} against {have} channel(s) of '{data}' would change the output shape"
             )
-        v = c.astype(np.float64).reshape(-1)
+        v = consteval.exact(c).reshape(-1)
     else:
-        v = np.asarray(c.reshape(-1)[0], dtype=np.float64)
+        v = np.asarray(consteval.exact(c).reshape(-1)[0], dtype=np.float64)
     one, zero = np.ones_like(v), np.zeros_like(v)
     if op == "Mul":
         s, t = v, zero
@@ -250,6 +262,7 @@ def const_input(view: GraphView, node: onnx.NodeProto, index: int, what: str) ->
         return None
     v = view.constant(node.input[index])
     if v is None:
+        too_large(view, node.input[index])
         raise Rejected(
             Reason.NON_CONSTANT_WEIGHT, f"the {what} '{node.input[index]}' of {node.op_type} is not a constant"
         )
@@ -632,6 +645,8 @@ def arith_worth_reporting(view: GraphView, node: onnx.NodeProto, rejected: Rejec
         return False
     if rejected.reason == Reason.UNSUPPORTED_PRODUCER:
         return False
+    if rejected.reason == Reason.CONSTANT_TOO_LARGE:
+        return True
     consts = [view.constant(i) for i in node.input]
     if (consts[0] is None) == (consts[1] is None):
         return False
