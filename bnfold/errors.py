@@ -76,3 +76,9 @@ class InputFileError(BnfoldError):
     """An ``--inputs`` file does not fit the model (names, dtypes, shapes) or cannot be read."""
 
     exit_code = ExitCode.USAGE
+
+
+class UsageError(BnfoldError):
+    """A bad option value found only once a model is read (an ``--input-shape`` typo): exit 2."""
+
+    exit_code = ExitCode.USAGE
