@@ -148,6 +148,7 @@ class ModelOutcome:
     auto_external: bool = False  # the output is over 2 GB, so it was written with external data
     data_file: str | None = None  # name of the output's external data file
     unchanged: bool = False  # --in-place with nothing to fold: the file was not touched
+    data_files: list[str] = field(default_factory=list)  # real paths of the input's external data files
     # The exception behind ``error`` (in-process callers such as bnfold.fold_file re-raise it).
     exception: BaseException | None = field(default=None, repr=False, compare=False)
 
@@ -260,6 +261,7 @@ def fold_job(path: str, output: str, opts: FoldOptions, progress: Progress | Non
         in_files = external_data_files(model, base_dir)
         if os.path.realpath(output) in in_files:
             raise OutputError(f"{output}: is a data file of the input model; choose another output name")
+        outcome.data_files = sorted(in_files)
         refuse_side_files(path, in_files, opts.side_files)
         if os.path.exists(output) and not opts.force and not opts.in_place:
             raise OutputError(f"{output}: already exists; use --force to overwrite it")
@@ -480,7 +482,9 @@ def verify_job(
         _phase(progress, "load", reference)
         ref, cand = load_model(reference), load_model(candidate)
         for p, m in ((reference, ref), (candidate, cand)):
-            refuse_side_files(p, external_data_files(m, os.path.dirname(os.path.abspath(p))), side_files)
+            files = external_data_files(m, os.path.dirname(os.path.abspath(p)))
+            outcome.data_files += sorted(files)
+            refuse_side_files(p, files, side_files)
         outcome.size_before, outcome.size_after = disk_size(reference, ref), disk_size(candidate, cand)
         options = resolve_input_shapes(reference, ref, FoldOptions(verify_options=options))
         clock.lap("load")
@@ -514,6 +518,7 @@ def check_job(path: str, opts: FoldOptions, progress: Progress | None = None) ->
         _phase(progress, "load", path)
         model = load_model(path)
         in_files = external_data_files(model, os.path.dirname(os.path.abspath(path)))
+        outcome.data_files = sorted(in_files)
         refuse_side_files(path, in_files, opts.side_files)
         outcome.size_before = disk_size(path, model, in_files)
         clock.lap("load")

@@ -260,7 +260,9 @@ def _constant_of_shape_weights(path: str) -> None:
     rng = np.random.default_rng(0)
     shape = helper.make_tensor("wshape", TensorProto.INT64, [4], [c, c, k, k])
     nodes = [
-        helper.make_node("ConstantOfShape", ["wshape"], ["w"], value=helper.make_tensor("v", TensorProto.FLOAT, [1], [0.01])),
+        helper.make_node(
+            "ConstantOfShape", ["wshape"], ["w"], value=helper.make_tensor("v", TensorProto.FLOAT, [1], [0.01])
+        ),
         helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
         bn("bn", "c", "y"),
     ]

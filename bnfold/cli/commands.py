@@ -33,7 +33,7 @@ from bnfold.cli.options import (
     verify_options_from,
 )
 from bnfold.cli.sidefiles import STDIO, check_side_files
-from bnfold.errors import EXIT_CODE_TABLE, BnfoldError, ExitCode
+from bnfold.errors import EXIT_CODE_TABLE, BnfoldError, ExitCode, OutputError
 
 if TYPE_CHECKING:
     from bnfold.jobs import ModelOutcome
@@ -169,6 +169,10 @@ def finish(command: str, outcomes: list[ModelOutcome], started: float, out: Out)
                 click.echo(o.traceback.rstrip(), err=True)
     doc = report_json.build(command, outcomes, code, time.perf_counter() - started)
     try:
+        data_files = {f for o in outcomes for f in o.data_files}
+        for side in (out.report_path, out.summary_path):
+            if side and os.path.realpath(side) in data_files:
+                raise OutputError(f"{render.clean(side)}: is a data file of a model; not written")
         if out.report_path:
             report_json.write(doc, out.report_path)
         if out.summary_path:
@@ -313,8 +317,9 @@ def fold(
                 {"--report": report_path, "--save-io": save_io},
                 [p for pair in pairs for p in pair],
             )
-            if not in_place and not to_stdout and (len(pairs) > 1 or _folder_mode(output)):
-                make_output_folders(pairs)
+            single = len(src_models) == 1 and not os.path.isdir(src_models[0]) and not _folder_mode(output)
+            if not in_place and not to_stdout and not single:
+                make_output_folders(pairs)  # the mirrored tree under -o DIR
         except BnfoldError as e:
             _fail(e)
         opts = FoldOptions(
