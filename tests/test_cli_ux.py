@@ -350,3 +350,36 @@ def test_shell_completion_works() -> None:
     p = subprocess.run([sys.executable, "-c", "import bnfold.cli; bnfold.cli.main(prog_name='bnfold')"],
                        capture_output=True, text=True, env=env, timeout=120)  # fmt: skip
     assert "_bnfold_completion" in p.stdout
+
+
+# ---------------------------------------------------------------------------
+# 9. feedback on long work
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="needs a pseudo-terminal")
+def test_single_model_shows_its_phases_on_a_terminal(chain: str, tmp_path) -> None:
+    import pty
+
+    master, slave = pty.openpty()
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    args = [sys.executable, "-m", "bnfold", "fold", chain, "-o", str(tmp_path / "o.onnx")]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=slave, env=env)
+    os.close(slave)
+    seen = b""
+    while True:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:  # the other side closed
+            break
+        if not chunk:
+            break
+        seen += chunk
+    os.close(master)
+    assert proc.wait(timeout=300) == 0
+    for words in (b"reading...", b"folding...", b"verifying", b"writing..."):
+        assert words in seen, seen
+    assert b"verifying" not in proc.stdout.read()  # the phases are terminal feedback, not results
+    # Not on a terminal: no phase lines at all.
+    p = run_cli("fold", chain, "-o", str(tmp_path / "o2.onnx"))
+    assert "folding..." not in p.stderr
