@@ -266,7 +266,6 @@ def fold_job(path: str, output: str, opts: FoldOptions, progress: Progress | Non
         if os.path.exists(output) and not opts.force and not opts.in_place:
             raise OutputError(f"{output}: already exists; use --force to overwrite it")
         outcome.size_before = disk_size(path, model, in_files)
-        verify_options = resolve_input_shapes(path, model, opts) if opts.verify else None
         external, auto = plan_layout(model, base_dir, opts.external_data)
         outcome.auto_external = auto
         clock.lap("load")
@@ -302,6 +301,8 @@ def fold_job(path: str, output: str, opts: FoldOptions, progress: Progress | Non
                 size_threshold=opts.size_threshold,
                 protect=in_files,
             )
+            # Shapes are checked once the model passed the full checker (its inputs are the input's).
+            verify_options = resolve_input_shapes(path, result.model, opts) if opts.verify else None
             hook = _verify_hook(path, result, opts, verify_options, outcome, progress) if opts.verify else None
             _phase(progress, "write", path)
             try:
@@ -389,7 +390,10 @@ def resolve_input_shapes(path: str, model: Any, opts: FoldOptions) -> VerifyOpti
         if fnmatch.fnmatch(path, glob) or fnmatch.fnmatch(os.path.basename(path), glob):
             given.update(shapes)
     given.update(vopts.inputs.shapes)
-    specs = graph_inputs(model)
+    try:
+        specs = graph_inputs(model)
+    except (ValueError, KeyError) as e:  # an input of an unknown element type
+        raise ModelLoadError(f"{path}: cannot read the graph inputs: {e}") from e
     if "" in given:
         bare = given.pop("")
         dims = ",".join(map(str, bare))
