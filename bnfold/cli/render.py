@@ -279,6 +279,11 @@ def describe(o: ModelOutcome, command: str, verbose: bool = False) -> list[str]:
         if o.verification is not None:
             lines += verification_lines(o.verification, o.input, o.output or "", verbose)
         return lines
+    if o.error:
+        # The error line says what went wrong; verification (and blame) say why.
+        if o.verification is not None:
+            lines += verification_lines(o.verification, o.input, o.output or "", verbose)
+        return lines
     if r is None:
         return lines
     if command == "check":
