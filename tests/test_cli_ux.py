@@ -383,3 +383,10 @@ def test_single_model_shows_its_phases_on_a_terminal(chain: str, tmp_path) -> No
     # Not on a terminal: no phase lines at all.
     p = run_cli("fold", chain, "-o", str(tmp_path / "o2.onnx"))
     assert "folding..." not in p.stderr
+
+
+def test_every_reason_code_has_words() -> None:
+    from bnfold.cli.render import REASON_WORDS
+    from bnfold.fold.report import Reason
+
+    assert {r.value for r in Reason} <= set(REASON_WORDS)

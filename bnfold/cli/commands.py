@@ -125,25 +125,55 @@ class Out:
         click.echo(st(line, **style) if style else line, err=True, color=st.color)
 
 
-def _phase_printer(out: Out, count: int) -> Callable[[str, str], None] | None:
-    """On a terminal, a single long model shows which phase it is in (one line, rewritten)."""
-    if count != 1 or out.quiet or out.as_json or not sys.stderr.isatty():
-        return None
+class _PhaseLine:
+    """On a terminal, a single long model shows its phase and the seconds spent in it (one line, rewritten).
 
-    def show(path: str, phase: str) -> None:
-        click.echo("\r" + render.phase_line(path, phase) + "\x1b[K", nl=False, err=True)
+    A ticker thread refreshes the line every second, so blame's many verification runs
+    and the write of a large model never look like a hang.
+    """
 
-    return show
+    def __init__(self) -> None:
+        import threading
+
+        self.text = ""
+        self.since = time.monotonic()
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._tick, daemon=True)
+        self.thread.start()
+
+    def _draw(self) -> None:
+        elapsed = int(time.monotonic() - self.since)
+        tail = f" {elapsed} s" if elapsed else ""
+        click.echo("\r" + self.text + tail + "\x1b[K", nl=False, err=True)
+
+    def _tick(self) -> None:
+        while not self.stop.wait(1.0):
+            with self.lock:
+                if self.text:
+                    self._draw()
+
+    def __call__(self, path: str, phase: str) -> None:
+        with self.lock:
+            self.text, self.since = render.phase_line(path, phase), time.monotonic()
+            self._draw()
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join()
+        click.echo("\r\x1b[K", nl=False, err=True)
 
 
 @contextmanager
 def _phases(out: Out, count: int) -> Iterator[Callable[[str, str], None] | None]:
-    show = _phase_printer(out, count)
+    if count != 1 or out.quiet or out.as_json or not sys.stderr.isatty():
+        yield None
+        return
+    line = _PhaseLine()
     try:
-        yield show
+        yield line
     finally:
-        if show is not None:
-            click.echo("\r\x1b[K", nl=False, err=True)
+        line.close()
 
 
 class _Progress:

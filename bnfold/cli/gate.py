@@ -14,7 +14,6 @@ from dataclasses import dataclass
 
 import click
 
-from bnfold.cli.render import REASON_WORDS
 from bnfold.errors import ExitCode
 from bnfold.jobs import ModelOutcome
 
@@ -24,9 +23,16 @@ def split_codes(values: Iterable[str]) -> list[str]:
     return [c.strip() for v in values for c in str(v).split(",") if c.strip()]
 
 
+def reason_codes() -> list[str]:
+    """Every reason code a node can be left with."""
+    from bnfold.fold.report import Reason
+
+    return sorted({r.value for r in Reason})
+
+
 def _is_known(code: str) -> bool:
-    # Pattern names are "Producer+Consumer"; reason codes are a fixed set.
-    return code == "ALL" or code in REASON_WORDS or "+" in code or any(ch in code for ch in "*?[")
+    # Pattern names are "Producer+Consumer"; reason codes are the Reason values.
+    return code == "ALL" or code in reason_codes() or "+" in code or any(ch in code for ch in "*?[")
 
 
 @dataclass(frozen=True)
@@ -43,7 +49,7 @@ class Gate:
             if not _is_known(code):
                 raise click.UsageError(
                     f"unknown code '{code}': use a pattern name such as Conv+BatchNormalization, "
-                    f"or a reason code ({', '.join(sorted(REASON_WORDS))})"
+                    f"or a reason code ({', '.join(reason_codes())})"
                 )
         return cls(tuple(sel), tuple(ign))
 
