@@ -11,8 +11,6 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import glob as globmod
-import multiprocessing
-import multiprocessing.connection
 import os
 import shutil
 import signal
@@ -167,6 +165,8 @@ def _worker(conn: Any, tmpdir: str, fn: Callable[..., ModelOutcome], args: tuple
 
 
 def _context() -> Any:
+    import multiprocessing  # only batches with --jobs > 1 need it
+
     methods = multiprocessing.get_all_start_methods()
     return multiprocessing.get_context("fork" if "fork" in methods else "spawn")
 
@@ -179,6 +179,8 @@ def _run_pool(
     outputs: list[str | None],
 ) -> None:
     """One worker process per job, ``width`` at a time; a dead worker is its model's error."""
+    import multiprocessing.connection
+
     from bnfold.jobs import ModelOutcome
 
     ctx = _context()
