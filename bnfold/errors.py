@@ -22,13 +22,14 @@ class ExitCode(IntEnum):
 EXIT_CODE_TABLE = """\
 Exit codes:
   0    success
-  1    check: foldable BatchNormalization left in a model
-  2    usage error (bad option or argument)
+  1    check: something foldable left in a model (see --select/--ignore)
+  2    usage error (bad option or argument, an --input-shape that does not fit)
   3    verification failed: outputs differ, nothing written
   4    a model could not be read or is invalid
-  5    the output could not be written
-  6    the model could not be verified (onnxruntime cannot run it); use --no-verify
-  70   internal error (a bug in bnfold: please report it with --debug output)
+  5    the output or a side file could not be written
+  6    the model could not be verified; give --input-shape, or use --no-verify
+  70   internal error (a bug in bnfold: please report it with --debug output),
+       or a batch worker process was killed
   130  interrupted (SIGINT/SIGTERM); nothing half-written is left
 """
 
@@ -74,5 +75,11 @@ class InputShapeError(NotVerifiableError):
 
 class InputFileError(BnfoldError):
     """An ``--inputs`` file does not fit the model (names, dtypes, shapes) or cannot be read."""
+
+    exit_code = ExitCode.USAGE
+
+
+class UsageError(BnfoldError):
+    """A bad option value found only once a model is read (an ``--input-shape`` typo): exit 2."""
 
     exit_code = ExitCode.USAGE

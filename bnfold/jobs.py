@@ -8,22 +8,43 @@ top-level and their arguments picklable, for ``--jobs N`` process pools.
 
 from __future__ import annotations
 
+import dataclasses
+import fnmatch
 import functools
+import logging
 import os
 import time
 import traceback
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from bnfold.api import fold_model
-from bnfold.errors import BnfoldError, ExitCode, ModelLoadError, NotVerifiableError, OutputError, VerificationError
+from bnfold.errors import (
+    BnfoldError,
+    ExitCode,
+    InputShapeError,
+    ModelLoadError,
+    NotVerifiableError,
+    OutputError,
+    UsageError,
+    VerificationError,
+)
 from bnfold.fold.engine import FoldResult
+from bnfold.fold.report import FoldReport
 from bnfold.onnxio.load import check_model, load_model
 from bnfold.onnxio.tensors import external_data_files
 from bnfold.onnxio.writer import DEFAULT_SIZE_THRESHOLD, DataSink, plan_layout, write_model
 
 if TYPE_CHECKING:  # the verification stack is imported when a job verifies (--no-verify skips it)
-    from bnfold.verify.verifier import VerifyOptions
+    from bnfold.verify.blame import BlameResult, FoldVerification
+    from bnfold.verify.verifier import VerifyOptions, VerifyReport
+
+log = logging.getLogger("bnfold")
+
+#: ``progress(phase)`` is called as each phase of a job starts: ``load``, ``fold``,
+#: ``check``, ``verify``, ``write``.
+Progress = Callable[[str], None]
 
 STATUS = {
     ExitCode.OK: "ok",
@@ -71,11 +92,48 @@ class FoldOptions:
     force: bool = False
     in_place: bool = False
     debug: bool = False
+    # Input shapes per file glob (from [tool.bnfold] input-shapes); --input-shape overrides them.
+    shape_globs: Sequence[tuple[str, dict[str, tuple[int, ...]]]] = ()
+    # Side files of the run (--report, --save-io, ...): refused when one is a data file of the model.
+    side_files: Sequence[str] = ()
+
+
+@dataclass
+class Verification:
+    """What verification found for one model, typed for rendering and JSON.
+
+    ``report`` compares the candidate with the reference (for ``fold``, the model with
+    every fold); ``blame`` names the folds that break it; ``kept_safe`` says whether
+    ``--keep-safe`` wrote the model without them.  ``data`` is the verification's own
+    JSON form, put into the report unchanged.
+    """
+
+    report: VerifyReport
+    data: dict[str, Any]
+    blame: BlameResult | None = None
+    kept_safe: bool = False
+
+    @property
+    def passed(self) -> bool:
+        return self.report.passed
+
+    @classmethod
+    def of_fold(cls, checked: FoldVerification) -> Verification:
+        """From a fold run's verification (the folded models are dropped: outcomes cross processes)."""
+        blame = checked.blame
+        if blame is not None:
+            blame = dataclasses.replace(blame, safe=None)
+        return cls(report=checked.report, data=checked.to_dict(), blame=blame, kept_safe=checked.kept_safe)
+
+    @classmethod
+    def of_models(cls, rep: VerifyReport) -> Verification:
+        """From a comparison of two models (``bnfold verify``)."""
+        return cls(report=rep, data=rep.to_dict())
 
 
 @dataclass
 class ModelOutcome:
-    """What happened to one model."""
+    """What happened to one model: typed fields only, read by the renderer and the JSON report."""
 
     input: str
     output: str | None = None
@@ -83,33 +141,38 @@ class ModelOutcome:
     error: str | None = None
     size_before: int | None = None
     size_after: int | None = None
-    report: dict[str, Any] | None = None
-    verification: dict[str, Any] | None = None
+    report: FoldReport | None = None
+    verification: Verification | None = None
     timings: dict[str, float] = field(default_factory=dict)
     traceback: str | None = None
-    verification_lines: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
+    auto_external: bool = False  # the output is over 2 GB, so it was written with external data
+    data_file: str | None = None  # name of the output's external data file
+    unchanged: bool = False  # --in-place with nothing to fold: the file was not touched
+    data_files: list[str] = field(default_factory=list)  # real paths of the input's external data files
+    # The exception behind ``error`` (in-process callers such as bnfold.fold_file re-raise it).
+    exception: BaseException | None = field(default=None, repr=False, compare=False)
 
     @property
     def status(self) -> str:
         return STATUS[self.exit_code]
 
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form (see docs/json-report.md)."""
-        d: dict[str, Any] = {
-            "input": self.input,
-            "output": self.output,
-            "status": self.status,
-            "exit_code": int(self.exit_code),
-            "error": self.error,
-            "size_before": self.size_before,
-            "size_after": self.size_after,
-        }
-        d.update(self.report or {"bn_found": None, "bn_folded": None, "bn_left": None, "folds": [], "skips": []})
-        d["verification"] = self.verification
-        d["notes"] = list(self.notes)
-        d["timings"] = {k: round(v, 4) for k, v in self.timings.items()}
-        return d
+    @property
+    def size_growth(self) -> float | None:
+        """``size_after / size_before`` when both are known."""
+        if not self.size_before or self.size_after is None:
+            return None
+        return self.size_after / self.size_before
+
+    @property
+    def grew(self) -> bool:
+        """True when the output is much larger than the input (folding materialized computed weights)."""
+        g = self.size_growth
+        return g is not None and g >= GROWTH_FACTOR and (self.size_after or 0) - (self.size_before or 0) >= GROWTH_BYTES
+
+
+# "The output grew" is reported from this ratio and this many bytes up.
+GROWTH_FACTOR = 1.5
+GROWTH_BYTES = 1 << 20
 
 
 def disk_size(path: str, model: Any, data_files: set[str] | None = None) -> int:
@@ -119,11 +182,11 @@ def disk_size(path: str, model: Any, data_files: set[str] | None = None) -> int:
     return os.path.getsize(path) + sum(os.path.getsize(f) for f in data_files)
 
 
-def reject_invalid_bn(path: str, report: dict[str, Any]) -> None:
+def reject_invalid_bn(path: str, report: FoldReport) -> None:
     """A BN with invalid parameters makes the model invalid: say which one and why."""
-    for s in report["skips"]:
-        if s["reason"] == "invalid_parameters":
-            raise ModelLoadError(f"{path}: invalid BatchNormalization '{s['node']}': {s['message']}")
+    for s in report.skips:
+        if s.reason.value == "invalid_parameters":
+            raise ModelLoadError(f"{path}: invalid BatchNormalization '{s.node}': {s.message}")
 
 
 def check_output(model: Any, path: str, output: str) -> None:
@@ -151,6 +214,7 @@ class _Clock:
 
 def _guard(outcome: ModelOutcome, debug: bool, e: BaseException) -> None:
     """Turn any exception into the outcome's status and one-line error."""
+    outcome.exception = e
     if isinstance(e, BnfoldError):
         outcome.exit_code, outcome.error = e.exit_code, str(e)
     elif isinstance(e, KeyboardInterrupt):
@@ -158,8 +222,16 @@ def _guard(outcome: ModelOutcome, debug: bool, e: BaseException) -> None:
     else:
         outcome.exit_code = ExitCode.INTERNAL
         outcome.error = f"internal error: {type(e).__name__}: {e}; {BUG_HINT}"
+    log.debug("%s: %s", outcome.input, outcome.error, exc_info=e)
     if debug:
         outcome.traceback = traceback.format_exc()
+
+
+def refuse_side_files(path: str, data_files: set[str], side_files: Sequence[str]) -> None:
+    """A side file must never replace one of the model's data files."""
+    for side in side_files:
+        if os.path.realpath(side) in data_files:
+            raise OutputError(f"{side}: is a data file of {path}; a side file must not replace it")
 
 
 def same_file(a: str, b: str) -> bool:
@@ -170,7 +242,13 @@ def same_file(a: str, b: str) -> bool:
         return os.path.abspath(a) == os.path.abspath(b)
 
 
-def fold_job(path: str, output: str, opts: FoldOptions) -> ModelOutcome:
+def _phase(progress: Progress | None, name: str, path: str) -> None:
+    log.info("%s: %s", path, name)
+    if progress is not None:
+        progress(name)
+
+
+def fold_job(path: str, output: str, opts: FoldOptions, progress: Progress | None = None) -> ModelOutcome:
     """Fold one model into ``output``, verify it, write it atomically; never raises."""
     outcome = ModelOutcome(input=path, output=output)
     clock = _Clock(outcome)
@@ -178,17 +256,20 @@ def fold_job(path: str, output: str, opts: FoldOptions) -> ModelOutcome:
         if same_file(path, output) and not opts.in_place:
             raise OutputError(f"{output}: output is the input file; use --in-place to replace it")
         base_dir = os.path.dirname(os.path.abspath(path))
+        _phase(progress, "load", path)
         model = load_model(path)
         in_files = external_data_files(model, base_dir)
         if os.path.realpath(output) in in_files:
             raise OutputError(f"{output}: is a data file of the input model; choose another output name")
+        outcome.data_files = sorted(in_files)
+        refuse_side_files(path, in_files, opts.side_files)
         if os.path.exists(output) and not opts.force and not opts.in_place:
             raise OutputError(f"{output}: already exists; use --force to overwrite it")
         outcome.size_before = disk_size(path, model, in_files)
         external, auto = plan_layout(model, base_dir, opts.external_data)
-        if auto:
-            outcome.notes.append("the model is over 2 GB (protobuf's limit): writing it with external data")
+        outcome.auto_external = auto
         clock.lap("load")
+        _phase(progress, "fold", path)
         # Folded weights go straight from numpy to a file next to the output: its data
         # file (external data), or a staging file the model file is streamed from.
         sink = DataSink(output, size_threshold=opts.size_threshold, protect=in_files, durable=external)
@@ -200,9 +281,16 @@ def fold_job(path: str, output: str, opts: FoldOptions) -> ModelOutcome:
                 copy=False,
                 sink=sink,
             )
-            outcome.report = result.report.to_dict()
-            reject_invalid_bn(path, outcome.report)
+            outcome.report = result.report
+            reject_invalid_bn(path, result.report)
             clock.lap("fold")
+            if opts.in_place and not result.report.folds:
+                # Nothing to fold: leave the file alone (same inode, same mtime), as black does.
+                outcome.unchanged = True
+                outcome.size_after = outcome.size_before
+                clock.done()
+                return outcome
+            _phase(progress, "check", path)
             check_output(result.model, path, output)
             clock.lap("check")
             write = functools.partial(
@@ -213,7 +301,10 @@ def fold_job(path: str, output: str, opts: FoldOptions) -> ModelOutcome:
                 size_threshold=opts.size_threshold,
                 protect=in_files,
             )
-            hook = _verify_hook(path, result, opts, outcome) if opts.verify else None
+            # Shapes are checked once the model passed the full checker (its inputs are the input's).
+            verify_options = resolve_input_shapes(path, result.model, opts) if opts.verify else None
+            hook = _verify_hook(path, result, opts, verify_options, outcome, progress) if opts.verify else None
+            _phase(progress, "write", path)
             try:
                 written = write(result.model, sink=sink, before_commit=hook)
             except _WriteSafeInstead as safe:
@@ -221,7 +312,7 @@ def fold_job(path: str, output: str, opts: FoldOptions) -> ModelOutcome:
                 written = write(safe.result.model)
         outcome.size_after = written.size
         if written.data_path:
-            outcome.notes.append(f"external data: {os.path.basename(written.data_path)}")
+            outcome.data_file = os.path.basename(written.data_path)
         clock.lap("write")
         # Verification ran inside the write (on the temp file): count it once.
         outcome.timings["write"] -= outcome.timings.get("verify", 0.0)
@@ -239,54 +330,177 @@ class _WriteSafeInstead(Exception):
         self.result = result
 
 
-def _verify_hook(path: str, result: FoldResult, opts: FoldOptions, outcome: ModelOutcome):
+def _verify_hook(
+    path: str,
+    result: FoldResult,
+    opts: FoldOptions,
+    verify_options: VerifyOptions | None,
+    outcome: ModelOutcome,
+    progress: Progress | None,
+) -> Callable[[str], None]:
     """A ``before_commit`` hook: verify the written temp model (by path) against ``path``."""
 
     def hook(candidate: str) -> None:
+        _phase(progress, "verify", path)
         started = time.perf_counter()
         try:
             from bnfold.verify.foldcheck import verify_fold
 
             checked = verify_fold(
                 path,
-                FoldResult(candidate, result.report),  # type: ignore[arg-type] - a path is a model source
-                opts.verify_options,
+                FoldResult(candidate, result.report),  # type: ignore[arg-type]  # a path is a model source
+                verify_options,
                 keep_safe=opts.keep_safe,
                 base_dir=os.path.dirname(os.path.abspath(path)),
                 freeze_initializer_inputs=opts.freeze_initializer_inputs,
             )
+        except InputShapeError as e:
+            raise type(e)(f"{path}: {e}") from e
         except NotVerifiableError as e:
             raise type(e)(f"{path}: {e}; skip verification with --no-verify") from e
         finally:
             outcome.timings["verify"] = time.perf_counter() - started
-        outcome.verification = checked.to_dict()
-        outcome.verification_lines = checked.summary_lines()
+        outcome.verification = Verification.of_fold(checked)
         if checked.kept_safe:
-            outcome.report = checked.result.report.to_dict()
+            outcome.report = checked.result.report
             raise _WriteSafeInstead(checked.result)
         if not checked.ok:
             rep = checked.report
             what = rep.error or f"{len(rep.failing)} of {len(rep.rows)} output(s) differ beyond tolerance"
             hint = "" if opts.keep_safe else " (--keep-safe writes the model without the blamed folds)"
             raise VerificationError(f"{path}: verification failed: {what}; nothing written{hint}")
+        _phase(progress, "write", path)
 
     return hook
 
 
-def verify_job(reference: str, candidate: str, options: VerifyOptions, debug: bool = False) -> ModelOutcome:
+def resolve_input_shapes(path: str, model: Any, opts: FoldOptions) -> VerifyOptions:
+    """The verification options for this model: shapes from config globs and ``--input-shape``, checked.
+
+    A bare shape (name ``""``) names the model's only input.  A name that is not an
+    input, a wrong rank or a dimension that contradicts the model is a usage error
+    (exit 2): it is a typo, not a reason to skip verification.
+    """
+    from bnfold.verify.inputs import graph_inputs
+    from bnfold.verify.verifier import VerifyOptions
+
+    vopts = opts.verify_options or VerifyOptions()
+    given: dict[str, tuple[int, ...]] = {}
+    for glob, shapes in opts.shape_globs:
+        if fnmatch.fnmatch(path, glob) or fnmatch.fnmatch(os.path.basename(path), glob):
+            given.update(shapes)
+    given.update(vopts.inputs.shapes)
+    try:
+        specs = graph_inputs(model)
+    except (ValueError, KeyError) as e:  # an input of an unknown element type
+        raise ModelLoadError(f"{path}: cannot read the graph inputs: {e}") from e
+    if "" in given:
+        bare = given.pop("")
+        dims = ",".join(map(str, bare))
+        if len(specs) != 1:
+            names = ", ".join(s.name for s in specs) or "none"
+            example = specs[0].name if specs else "NAME"
+            raise UsageError(
+                f"--input-shape {dims}: a shape without a name needs a model with one input; "
+                f"{path} has {len(specs)} ({names}): use --input-shape {example}:{dims}"
+            )
+        given[specs[0].name] = bare
+    by_name = {s.name: s for s in specs}
+    for name, shape in given.items():
+        spec = by_name.get(name)
+        if spec is None:
+            known = ", ".join(by_name) or "none"
+            raise UsageError(f"--input-shape {name}: {path} has no input '{name}' (inputs: {known})")
+        if spec.dims is None:
+            continue
+        fix = ",".join(str(d) if isinstance(d, int) else str(v) for d, v in zip(spec.dims, shape, strict=False))
+        if len(shape) != len(spec.dims):
+            fix = ",".join(
+                str(d) if isinstance(d, int) else _example_dim(i, spec.dims) for i, d in enumerate(spec.dims)
+            )
+            raise UsageError(
+                f"--input-shape {name}: {len(shape)} dimension(s) given, {path} declares {len(spec.dims)} "
+                f"({_fmt_dims(spec.dims)}): for example --input-shape {name}:{fix}"
+            )
+        for axis, (d, v) in enumerate(zip(spec.dims, shape, strict=True)):
+            if isinstance(d, int) and d != v:
+                raise UsageError(
+                    f"--input-shape {name}: dimension {axis} is {v}, {path} fixes it to {d} "
+                    f"({_fmt_dims(spec.dims)}): use --input-shape {name}:{fix}"
+                )
+    _require_known_dims(path, specs, given)
+    return dataclasses.replace(vopts, inputs=dataclasses.replace(vopts.inputs, shapes=given))
+
+
+def _fmt_dims(dims: Sequence[Any]) -> str:
+    return "[" + ",".join("?" if d is None else str(d) for d in dims) + "]"
+
+
+def _example_dim(axis: int, dims: Sequence[Any]) -> str:
+    """A plausible value for an unknown dimension in a suggested command (it must parse)."""
+    if axis == 0:
+        return "1"
+    return "224" if len(dims) == 4 and axis >= 2 else "3" if len(dims) == 4 else "128"
+
+
+def _require_known_dims(path: str, specs: Sequence[Any], given: dict[str, tuple[int, ...]]) -> None:
+    """An input with an unknown dimension past the first must be given: say how, with a command that parses."""
+    symbols = {}
+    for s in specs:
+        if s.name in given and s.dims is not None:
+            symbols.update({d: v for d, v in zip(s.dims, given[s.name], strict=False) if isinstance(d, str)})
+    for s in specs:
+        if s.name in given or s.dims is None:
+            continue
+        unknown = [
+            i
+            for i, d in enumerate(s.dims)
+            if i > 0 and not isinstance(d, int) and not (isinstance(d, str) and d in symbols)
+        ]
+        if not unknown:
+            continue
+        example = ",".join(
+            str(d) if isinstance(d, int) else str(symbols[d]) if d in symbols else _example_dim(i, s.dims)
+            for i, d in enumerate(s.dims)
+        )
+        which = ", ".join(f"{a} ({s.dims[a] or '?'})" for a in unknown)
+        raise InputShapeError(
+            f"{path}: input '{s.name}' {_fmt_dims(s.dims)} has unknown dimension(s) {which}: set them, "
+            f"for example --input-shape {s.name}:{example} (the sizes the model is used with), "
+            "or skip verification with --no-verify"
+        )
+
+
+def verify_job(
+    reference: str,
+    candidate: str,
+    options: VerifyOptions,
+    debug: bool = False,
+    side_files: Sequence[str] = (),
+    progress: Progress | None = None,
+) -> ModelOutcome:
     """Compare two models' outputs on the same inputs; never raises."""
     outcome = ModelOutcome(input=reference, output=candidate)
     clock = _Clock(outcome)
     try:
+        _phase(progress, "load", reference)
         ref, cand = load_model(reference), load_model(candidate)
+        for p, m in ((reference, ref), (candidate, cand)):
+            files = external_data_files(m, os.path.dirname(os.path.abspath(p)))
+            outcome.data_files += sorted(files)
+            refuse_side_files(p, files, side_files)
         outcome.size_before, outcome.size_after = disk_size(reference, ref), disk_size(candidate, cand)
+        options = resolve_input_shapes(reference, ref, FoldOptions(verify_options=options))
         clock.lap("load")
         from bnfold.verify.verifier import verify_models
 
-        rep = verify_models(reference, candidate, options)
+        _phase(progress, "verify", reference)
+        try:
+            rep = verify_models(reference, candidate, options)
+        except InputShapeError as e:
+            raise type(e)(f"{reference}: {e}") from e
         clock.lap("verify")
-        outcome.verification = rep.to_dict()
-        outcome.verification_lines = rep.summary_lines()
+        outcome.verification = Verification.of_models(rep)
         if not rep.passed:
             what = rep.error or f"{len(rep.failing)} of {len(rep.rows)} output(s) differ beyond tolerance"
             raise VerificationError(f"{candidate} differs from {reference}: {what}")
@@ -296,22 +510,31 @@ def verify_job(reference: str, candidate: str, options: VerifyOptions, debug: bo
     return outcome
 
 
-def check_job(path: str, opts: FoldOptions) -> ModelOutcome:
-    """Read-only lint of one model: exit 1 when something could still be folded."""
+def check_job(path: str, opts: FoldOptions, progress: Progress | None = None) -> ModelOutcome:
+    """Read-only lint of one model: exit 1 when something could still be folded.
+
+    The exit code here counts every possible fold; ``bnfold check --select/--ignore``
+    narrows it afterwards (:func:`bnfold.cli.gate.apply`).
+    """
     outcome = ModelOutcome(input=path)
     clock = _Clock(outcome)
     try:
+        _phase(progress, "load", path)
         model = load_model(path)
-        outcome.size_before = disk_size(path, model)
+        in_files = external_data_files(model, os.path.dirname(os.path.abspath(path)))
+        outcome.data_files = sorted(in_files)
+        refuse_side_files(path, in_files, opts.side_files)
+        outcome.size_before = disk_size(path, model, in_files)
         clock.lap("load")
+        _phase(progress, "fold", path)
         result = fold_model(
             model,
             freeze_initializer_inputs=opts.freeze_initializer_inputs,
             base_dir=os.path.dirname(os.path.abspath(path)),
             copy=False,
         )
-        outcome.report = result.report.to_dict()
-        reject_invalid_bn(path, outcome.report)
+        outcome.report = result.report
+        reject_invalid_bn(path, result.report)
         clock.lap("fold")
         if result.report.folds:
             outcome.exit_code = ExitCode.FOLDABLE_LEFT

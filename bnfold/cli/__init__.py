@@ -1,4 +1,4 @@
-"""The command line: commands, options, batch planning and all human-readable text."""
+"""The command line: commands, options, batches, configuration and all human-readable text."""
 
 from bnfold.cli.commands import main
 

@@ -16,17 +16,13 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from bnfold.verify.inputs import (
-    DEFAULT_INT_RANGE,
-    DEFAULT_TRIALS,
-    InputOptions,
-    parse_input_shape,
-    parse_int_range,
-    parse_val_range,
-)
-
 if TYPE_CHECKING:
     from bnfold.verify.verifier import VerifyOptions
+
+# Copies of bnfold.verify.inputs' defaults, so that building the command line (and
+# --help) imports no numpy or onnx; tests/test_cli_startup.py checks they agree.
+DEFAULT_INT_RANGE: tuple[int, int] = (0, 9)
+DEFAULT_TRIALS = 3
 
 # Keyword names the decorators add (popped by verify_options_from).
 VERIFY_PARAMS = (
@@ -41,6 +37,23 @@ VERIFY_PARAMS = (
     "inputs",
     "save_io",
 )
+
+
+def parse_shape(text: str) -> tuple[str, tuple[int, ...]]:
+    """``NAME:1,3,224,224``, or a bare ``1,3,224,224`` (name ``""``: the model's only input)."""
+    from bnfold.verify.inputs import parse_input_shape
+
+    if ":" not in text:
+        _, shape = parse_input_shape(f"_:{text}")
+        return "", shape
+    return parse_input_shape(text)
+
+
+def parse_val_range(text: str) -> tuple[str, tuple[float, float]]:
+    """``NAME:LO,HI``, or ``LO,HI`` for every float input (name ``""``)."""
+    from bnfold.verify.inputs import parse_val_range as parse
+
+    return parse(text)
 
 
 def _by_name(parse: Callable[[str], tuple[str, Any]]) -> Callable:
@@ -64,6 +77,8 @@ def _by_name(parse: Callable[[str], tuple[str, Any]]) -> Callable:
 def _range(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, int]:
     if value is None:
         return DEFAULT_INT_RANGE
+    from bnfold.verify.inputs import parse_int_range
+
     try:
         return parse_int_range(value)
     except ValueError as e:
@@ -146,9 +161,9 @@ def input_options(fn: Callable) -> Callable:
     fn = click.option(
         "--input-shape",
         multiple=True,
-        callback=_by_name(parse_input_shape),
-        metavar="NAME:D0,D1,...",
-        help="Shape of an input with dynamic dimensions (repeatable), e.g. x:1,3,224,224.",
+        callback=_by_name(parse_shape),
+        metavar="[NAME:]D0,D1,...",
+        help="Shape of an input with dynamic dimensions (repeatable), e.g. x:1,3,224,224; a bare shape for a single-input model.",
     )(fn)
     fn = click.option(
         "--trials",
@@ -184,6 +199,8 @@ def fold_verify_options(fn: Callable) -> Callable:
 
 def verify_options_from(params: dict[str, Any]) -> VerifyOptions:
     """Pop the :data:`VERIFY_PARAMS` from a command's keyword arguments into a VerifyOptions."""
+    from bnfold.verify.inputs import InputOptions
+
     p = {k: params.pop(k, None) for k in VERIFY_PARAMS}
     inputs = InputOptions(
         seed=p["seed"] or 0,
@@ -198,3 +215,133 @@ def verify_options_from(params: dict[str, Any]) -> VerifyOptions:
     return VerifyOptions(
         atol=p["atol"], rtol=p["rtol"], calibrate=not p["no_calibrate"], inputs=inputs, save_io=p["save_io"]
     )
+
+
+
+# ---------------------------------------------------------------------------
+# Options of every command, and --help in sections
+# ---------------------------------------------------------------------------
+
+SECTIONS: dict[str, str] = {
+    **dict.fromkeys(("output", "in_place", "force", "external_data", "size_threshold"), "Output"),
+    **dict.fromkeys(
+        (
+            "no_verify",
+            "keep_safe",
+            "atol",
+            "rtol",
+            "no_calibrate",
+            "seed",
+            "trials",
+            "input_shape",
+            "input_range",
+            "val_range",
+            "inputs",
+            "save_io",
+        ),
+        "Verification",
+    ),
+    **dict.fromkeys(("jobs", "glob", "pattern", "freeze_initializer_inputs"), "Models"),
+    **dict.fromkeys(("select", "ignore", "output_format", "summary_path"), "CI gate"),
+}
+SECTION_ORDER = ("Output", "Verification", "Models", "CI gate", "Reports and messages")
+
+
+class SectionedCommand(click.Command):
+    """A command whose ``--help`` groups options into sections (:data:`SECTIONS`)."""
+
+    def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        groups: dict[str, list[tuple[str, str]]] = {}
+        for param in self.get_params(ctx):
+            rec = param.get_help_record(ctx)
+            if rec is not None:
+                groups.setdefault(SECTIONS.get(param.name or "", "Reports and messages"), []).append(rec)
+        for title in SECTION_ORDER:
+            if title in groups:
+                with formatter.section(f"{title} options"):
+                    formatter.write_dl(groups[title])
+
+
+class Group(click.Group):
+    """The ``bnfold`` group: command summaries in full (click cuts them at 45 characters)."""
+
+    command_class = SectionedCommand
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = []
+        for name in self.list_commands(ctx):
+            cmd = self.get_command(ctx, name)
+            if cmd is not None and not cmd.hidden:
+                rows.append((name, cmd.get_short_help_str(limit=1000)))
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
+
+def report_options(fn: Callable) -> Callable:
+    """--json, --report, --quiet, --verbose, --color, --debug: shared by every command."""
+    fn = click.option("--debug", is_flag=True, help="Show tracebacks (for bug reports).")(fn)
+    fn = click.option(
+        "--color",
+        type=click.Choice(["auto", "always", "never"]),
+        default="auto",
+        show_default=True,
+        help="Colour the output (auto: on a terminal, unless NO_COLOR is set).",
+    )(fn)
+    fn = click.option("-v", "--verbose", is_flag=True, help="List every node folded or left, and every output.")(fn)
+    fn = click.option("-q", "--quiet", is_flag=True, help="Print only errors and the models that fail.")(fn)
+    fn = click.option(
+        "--report", "report_path", type=click.Path(dir_okay=False), help="Also write the JSON report to FILE."
+    )(fn)
+    fn = click.option("--json", "as_json", is_flag=True, help="Print one JSON document to stdout, nothing else.")(fn)
+    return fn
+
+
+def model_options(fn: Callable) -> Callable:
+    """Options of how models are found, read and folded."""
+    fn = click.option(
+        "--freeze-initializer-inputs",
+        is_flag=True,
+        default=None,
+        help="Treat initializers that are also graph inputs (overridable in IR >= 4) as constants.",
+    )(fn)
+    fn = click.option("--pattern", hidden=True, help="Deprecated name of --glob.")(fn)
+    fn = click.option("--glob", metavar="GLOB", help="File name glob for models inside folders.  [default: *.onnx]")(fn)
+    fn = click.option(
+        "-j", "--jobs", type=click.IntRange(min=1), default=1, show_default=True, help="Models in parallel."
+    )(fn)
+    return fn
+
+
+def gate_options(fn: Callable) -> Callable:
+    """``check`` as a CI gate: which findings fail it, and CI output formats."""
+    fn = click.option(
+        "--summary",
+        "summary_path",
+        type=click.Path(dir_okay=False),
+        metavar="FILE.md",
+        help="Also write a Markdown table (for $GITHUB_STEP_SUMMARY).",
+    )(fn)
+    fn = click.option(
+        "--format",
+        "output_format",
+        type=click.Choice(["text", "github"]),
+        default="text",
+        show_default=True,
+        help="github: one ::error annotation per finding, for GitHub Actions.",
+    )(fn)
+    fn = click.option(
+        "--ignore",
+        multiple=True,
+        metavar="CODE",
+        help="A pattern name (Conv+BatchNormalization, globs allowed) or reason code that does not fail the check "
+        "(repeatable, or comma-separated).",
+    )(fn)
+    fn = click.option(
+        "--select",
+        multiple=True,
+        metavar="CODE",
+        help="Only these pattern names or reason codes fail the check (default: every foldable pattern; "
+        "a reason code fails on BatchNormalization left for that reason).",
+    )(fn)
+    return fn
