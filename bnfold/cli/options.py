@@ -163,7 +163,8 @@ def input_options(fn: Callable) -> Callable:
         multiple=True,
         callback=_by_name(parse_shape),
         metavar="[NAME:]D0,D1,...",
-        help="Shape of an input with dynamic dimensions (repeatable), e.g. x:1,3,224,224; a bare shape for a single-input model.",
+        help="Shape of an input with dynamic dimensions (repeatable), e.g. x:1,3,224,224 "
+        "(a bare shape for a single-input model).",
     )(fn)
     fn = click.option(
         "--trials",
@@ -215,7 +216,6 @@ def verify_options_from(params: dict[str, Any]) -> VerifyOptions:
     return VerifyOptions(
         atol=p["atol"], rtol=p["rtol"], calibrate=not p["no_calibrate"], inputs=inputs, save_io=p["save_io"]
     )
-
 
 
 # ---------------------------------------------------------------------------

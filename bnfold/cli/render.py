@@ -234,6 +234,12 @@ def _rows(rep: Any, detailed: bool) -> list[str]:
     lines = [f"  note: {clean(n)}" for n in rep.notes]
     if rep.error:
         return [*lines, f"  error: {clean(rep.error)}"]
+    if rep.calibration:
+        c = rep.calibration
+        lines.append(
+            f"  noise floor: {c['runs']} run(s) of the original with its float weights perturbed within "
+            f"their rounding (seed {c['seed']})"
+        )
     for r in rep.rows:
         if detailed or not r.passed:
             lines.append("  " + _row(r))
@@ -250,15 +256,23 @@ def _rows(rep: Any, detailed: bool) -> list[str]:
     return lines
 
 
+def _rule(r: Any) -> str:
+    """How an output was decided, in words (``calibrated: bound 2.4e-6 = 3 x noise floor 8e-7``)."""
+    if r.decision == "fast":
+        return f"fast path: bound {r.atol:.3g} = {r.factor:.3g} x max|a| {r.max_ref:.3g}"
+    if r.decision == "calibrated":
+        return f"calibrated: bound {r.atol:.3g} = {r.factor:.3g} x noise floor {r.noise_floor:.3g}"
+    return f"atol {r.atol:.3g}, rtol {r.rtol:.3g}; passes with atol >= {r.min_atol:.3g}"
+
+
 def _row(r: Any) -> str:
     flag = "ok  " if r.passed else "FAIL"
     head = f"{flag} {clean(r.name)} {r.dtype}[{','.join(map(str, r.shape))}]"
     if r.note:
         return f"{head}: {clean(r.note)}"
-    text = (
-        f"{head}: max abs {r.max_abs:.3g}, max rel {r.max_rel:.3g}, mean abs {r.mean_abs:.3g} "
-        f"(atol {r.atol:.3g}, rtol {r.rtol:.3g}; passes with atol >= {r.min_atol:.3g})"
-    )
+    if r.decision == "exact":
+        return f"{head}: {r.mismatches} of {r.elements} elements differ" if r.mismatches else f"{head}: equal"
+    text = f"{head}: max abs {r.max_abs:.3g}, max rel {r.max_rel:.3g}, mean abs {r.mean_abs:.3g} ({_rule(r)})"
     if r.mismatches and r.worst:
         w = r.worst
         ref, cand = w["reference"], w["candidate"]
