@@ -37,7 +37,7 @@ from onnx import helper, numpy_helper
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from bnfold import fold_model
-from bnfold.fold import rules as patterns
+from bnfold.fold import affine as patterns
 from bnfold.verify.inputs import InputOptions, parse_input_shape
 from bnfold.verify.verifier import DEFAULT_TOLERANCES, Verifier, VerifyOptions
 
@@ -165,7 +165,7 @@ def corrupted(node_name: str, channel: int = 0, factor: float = 2.0):
 
     def wrong(self: patterns.Affine, c: int):
         s, t = original(self, c)
-        if patterns.display_name(self.node) == node_name:
+        if (self.node.name or self.node.op_type) == node_name:
             s = s.copy()
             s[channel % c] *= factor
         return s, t

@@ -252,7 +252,7 @@ def test_outer_bn_whose_conv_output_is_read_in_a_branch_is_left() -> None:
     net.output("y", np.float32, Y_SHAPE)
     model = net.build()
     result = fold_and_check(model, folded=0, left=1, feeds=feeds(True))
-    assert result.report.skips[0].reason == Reason.OUTPUT_SHARED
+    assert result.report.skips[0].reason == Reason.PRODUCER_OUTPUT_SHARED
 
 
 def test_ir3_if_branches_reading_outer_listed_initializers() -> None:

@@ -11,7 +11,7 @@ import sys
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import onnx
@@ -43,14 +43,23 @@ def subgraphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
             yield from a.graphs
 
 
+def graph_and_nested(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    """``graph`` and every graph nested in its nodes, at any depth (iterative)."""
+    stack = [graph]
+    while stack:
+        g = stack.pop()
+        yield g
+        for n in g.node:
+            stack.extend(subgraphs(n))
+
+
 def graph_reads(graph: onnx.GraphProto) -> set[str]:
     """Every tensor name a graph (and its nested graphs) reads, including outer-scope names."""
     names: set[str] = set()
-    for n in graph.node:
-        names.update(i for i in n.input if i)
-        for g in subgraphs(n):
-            names |= graph_reads(g)
-    names.update(o.name for o in graph.output)
+    for g in graph_and_nested(graph):
+        for n in g.node:
+            names.update(i for i in n.input if i)
+        names.update(o.name for o in g.output)
     return names
 
 
@@ -102,8 +111,11 @@ class GraphView:
         self.initializers = {t.name: t for t in graph.initializer}
         self.inputs = {i.name for i in graph.input}
         self.outputs = {o.name for o in graph.output}
-        self._cache: dict[str, object] = {}
+        self._cache: dict[str, np.ndarray | None] = {}
+        # Per-view memo tables of derived facts (ranks along chains, ...), by kind.
+        self.memo: dict[str, dict] = {}
         self.removed: set[int] = set()
+        self.inserted: dict[int, list[int]] = {}  # position -> positions of nodes inserted after it
         self.new_initializers: list[onnx.TensorProto] = []
         self.dropped_initializers: set[str] = set()
         self.disconnected: set[str] = set()
@@ -149,8 +161,32 @@ class GraphView:
         return name in self.outputs
 
     def only_consumer(self, name: str, node: onnx.NodeProto) -> bool:
-        """True when ``node`` is the single reader of ``name`` and ``name`` is no graph output."""
-        return not self.is_graph_output(name) and [id(u) for u in self.users(name)] == [id(node)]
+        """True when ``node`` is the single reader of ``name`` and ``name`` is no graph output.
+
+        Stops at the first other reader: one tensor read by n nodes costs O(1) per
+        question, not O(n).
+        """
+        if self.is_graph_output(name):
+            return False
+        found = False
+        for n in self.consumers.get(name, ()):
+            if self.position[id(n)] in self.removed:
+                continue
+            if n is not node:
+                return False
+            found = True
+        return found
+
+    def sole_user(self, name: str) -> onnx.NodeProto | None:
+        """The one live node reading ``name`` (None when none or several), stopping at the second."""
+        one: onnx.NodeProto | None = None
+        for n in self.consumers.get(name, ()):
+            if self.position[id(n)] in self.removed or n is one:
+                continue
+            if one is not None:
+                return None
+            one = n
+        return one
 
     def producer_of(self, name: str) -> onnx.NodeProto | None:
         n = self.producer.get(name)
@@ -164,15 +200,48 @@ class GraphView:
         return name in self.inputs and self.ctx.ir_version >= 4 and not self.ctx.freeze_initializer_inputs
 
     def constant(self, name: str) -> np.ndarray | None:
-        """Value of ``name`` when it is a constant (initializer, Constant, constant subgraph)."""
+        """Value of ``name`` when it is a constant (initializer, Constant, constant subgraph).
+
+        Evaluates the inputs first with an explicit stack, never by recursion: a
+        chain of thousands of Identity nodes making a BN parameter is fine.
+        """
         if not name:
             return None
         hit = self._cache.get(name, _MISSING)
         if hit is not _MISSING:
             return hit  # type: ignore[return-value]
-        value = self._compute_constant(name)
-        self._cache[name] = value
-        return value
+        stack, active = [name], {name}
+        while stack:
+            top = stack[-1]
+            if top in self._cache:
+                stack.pop()
+                active.discard(top)
+                continue
+            todo = [i for i in self._value_inputs(top) if i not in self._cache]
+            if any(i in active for i in todo):
+                self._cache[top] = None  # a cycle: no valid graph has one
+                continue
+            if todo:
+                stack.extend(todo)
+                active.update(todo)
+                continue
+            self._cache[top] = self._compute_constant(top)
+        return self._cache[name]
+
+    def _value_inputs(self, name: str) -> list[str]:
+        """The inputs whose values :meth:`_compute_constant` reads to evaluate ``name``."""
+        if name in self.initializers:
+            return []
+        node = self.producer.get(name)
+        if node is None or node.op_type == "Constant" or node.op_type not in constants.EVALUATORS:
+            return []
+        if list(node.output).index(name) != 0:
+            return []
+        return [
+            i
+            for k, i in enumerate(node.input)
+            if i and not (node.op_type in constants.SHAPE_ONLY and k == 0) and (node.op_type, k) not in constants.TYPE_ONLY
+        ]
 
     def _compute_constant(self, name: str) -> np.ndarray | None:
         if name in self.initializers:
@@ -191,16 +260,18 @@ class GraphView:
             return constants.evaluate(node, [], self.ctx.opset)
         if node.op_type not in constants.EVALUATORS or list(node.output).index(name) != 0:
             return None
-        values = []
+        values: list[np.ndarray | None] = []
         for k, i in enumerate(node.input):
             if not i:
                 values.append(None)
                 continue
+            v: np.ndarray | None
             if node.op_type in constants.SHAPE_ONLY and k == 0:
                 shape = self.static_shape(i)
                 v = np.empty(shape, dtype=np.uint8) if shape is not None else None
-            elif (node.op_type, k) in constants.TYPE_ONLY and self.tensor_dtype(i):
-                v = constants.empty_of_type(self.tensor_dtype(i))
+            elif (node.op_type, k) in constants.TYPE_ONLY:
+                dtype = self.tensor_dtype(i)
+                v = constants.empty_of_type(dtype) if dtype else None
             else:
                 v = self.constant(i)
             if v is None:
@@ -225,12 +296,20 @@ class GraphView:
         return None
 
     def rank(self, name: str) -> int | None:
-        """Rank of a tensor from shape inference, or None."""
+        """Rank of a tensor from shape inference (never from declared value_info), or None."""
         tp = self.ctx.value_types.get(name)
         if tp is not None and tp.HasField("tensor_type") and tp.tensor_type.HasField("shape"):
             return len(tp.tensor_type.shape.dim)
         c = self.constant(name) if name in self.initializers or name in self.producer else None
         return None if c is None else c.ndim
+
+    def dims(self, name: str) -> list[int | None] | None:
+        """Dims of a tensor (None for each unknown one) when its rank is known, else None."""
+        tp = self.ctx.value_types.get(name)
+        if tp is not None and tp.HasField("tensor_type") and tp.tensor_type.HasField("shape"):
+            return [d.dim_value if d.HasField("dim_value") else None for d in tp.tensor_type.shape.dim]
+        shape = self.static_shape(name) if name in self.initializers or name in self.producer else None
+        return None if shape is None else list(shape)
 
     def tensor_dtype(self, name: str) -> int | None:
         """ONNX element type of a tensor when known."""
@@ -243,6 +322,18 @@ class GraphView:
         return None
 
     # ---- edits -----------------------------------------------------------
+    def insert_after(self, anchor: onnx.NodeProto, node: onnx.NodeProto) -> None:
+        """Queue a new ``node`` right after ``anchor`` (it produces and reads from now on)."""
+        self.nodes.append(node)
+        k = len(self.nodes) - 1
+        self.position[id(node)] = k
+        self.inserted.setdefault(self.position[id(anchor)], []).append(k)
+        for o in node.output:
+            if o:
+                self.producer[o] = node
+                self._cache.pop(o, None)
+        self._add_uses(node)
+
     def remove(self, node: onnx.NodeProto) -> None:
         """Queue ``node`` for removal; its inputs may become dead."""
         self.removed.add(self.position[id(node)])
@@ -328,8 +419,8 @@ class GraphView:
         """Apply queued edits to the graph and drop constants nothing reads any more."""
         self._remove_dead_constants()
         self._drop_value_info()
-        for i in sorted(self.removed, reverse=True):
-            del self.graph.node[i]
+        if self.removed or self.inserted:
+            self._reorder_nodes()
         if self.ctx.ir_version < 4 and self.outer is not None:
             # IR < 4 lists initializers among the graph inputs, but a nested graph's
             # inputs are its formal parameters (Loop/Scan state): use Constant nodes.
@@ -342,6 +433,30 @@ class GraphView:
             for t in self.new_initializers:
                 self.graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, t.dims))
         self._drop_initializers()
+
+    def _reorder_nodes(self) -> None:
+        """Apply queued removals and insertions to ``graph.node`` in one sort (no node is copied but the new)."""
+        n_original = len(self.graph.node)
+        order: list[int] = []
+        pending = list(range(n_original - 1, -1, -1))
+        while pending:
+            i = pending.pop()
+            order.append(i)
+            pending.extend(reversed(self.inserted.get(i, [])))
+        rank: dict[int, int] = {}
+        added: list[onnx.NodeProto] = []  # held, so their ids stay theirs while sorting
+        gone = len(order) + 1
+        for k, i in enumerate(order):
+            if i >= n_original:
+                new = self.graph.node.add()
+                new.CopyFrom(self.nodes[i])
+                added.append(new)
+                rank[id(new)] = gone if i in self.removed else k
+            else:
+                rank[id(self.nodes[i])] = gone if i in self.removed else k
+        live = sum(1 for r in rank.values() if r != gone)
+        self.graph.node.sort(key=lambda n: rank[id(n)])
+        del self.graph.node[live:]
 
     def _remove_dead_constants(self) -> None:
         """Remove Constant/constant-subgraph nodes and initializers that folds disconnected."""
@@ -367,17 +482,11 @@ class GraphView:
         drop = self.dropped_initializers
         if not drop:
             return
-        for i in range(len(self.graph.initializer) - 1, -1, -1):
-            if self.graph.initializer[i].name in drop:
-                del self.graph.initializer[i]
+        _keep_only(self.graph.initializer, drop)
         # An initializer listed as a graph input goes with its input entry
         # (nothing reads it; leaving the input would make it a required feed).
-        for i in range(len(self.graph.input) - 1, -1, -1):
-            if self.graph.input[i].name in drop:
-                del self.graph.input[i]
-        for i in range(len(self.graph.value_info) - 1, -1, -1):
-            if self.graph.value_info[i].name in drop:
-                del self.graph.value_info[i]
+        _keep_only(self.graph.input, drop)
+        _keep_only(self.graph.value_info, drop)
 
     def _drop_value_info(self) -> None:
         gone = self.vanished
@@ -387,9 +496,20 @@ class GraphView:
         live = {o for n in self.live_nodes() for o in n.output}
         gone -= live
         if gone:
-            for i in range(len(self.graph.value_info) - 1, -1, -1):
-                if self.graph.value_info[i].name in gone:
-                    del self.graph.value_info[i]
+            _keep_only(self.graph.value_info, gone)
+
+
+def _keep_only(field: Any, drop: set[str]) -> None:
+    """Remove the entries named in ``drop`` from a repeated proto field.
+
+    A stable sort moves them to the end, then one slice goes: O(n log n), where
+    deleting entries one by one is O(n) each, and no entry is copied.
+    """
+    kept = sum(1 for e in field if e.name not in drop)
+    if kept == len(field):
+        return
+    field.sort(key=lambda e: e.name in drop)
+    del field[kept:]
 
 
 def set_tensor_value(t: onnx.TensorProto, value: np.ndarray, name: str, sink: ValueSink | None = None) -> None:
@@ -470,6 +590,10 @@ def infer_value_types(model: onnx.ModelProto, max_inline: int = 1024) -> dict[st
 
     Runs on a skeleton of the model (large initializers replaced by typed graph
     inputs), so it works on models of any size without copying their weights.
+    The skeleton keeps the graph inputs (the contract onnxruntime checks feeds
+    against) but not the model's value_info nor the shapes declared for its
+    outputs: those are claims a fold must not trust (a value_info that lies about
+    a rank would turn a per-W constant into a "per-channel" one).
     Returns an empty dict when inference fails.
     """
     skeleton = onnx.ModelProto(ir_version=model.ir_version)
@@ -480,7 +604,9 @@ def infer_value_types(model: onnx.ModelProto, max_inline: int = 1024) -> dict[st
     g.node.extend(src.node)
     g.input.extend(src.input)
     g.output.extend(src.output)
-    g.value_info.extend(src.value_info)
+    for o in g.output:
+        if o.type.HasField("tensor_type"):
+            o.type.tensor_type.ClearField("shape")
     listed = {i.name for i in src.input}
     for t in src.initializer:
         small = t.data_location != onnx.TensorProto.EXTERNAL and math.prod(t.dims) <= max_inline
@@ -493,26 +619,20 @@ def infer_value_types(model: onnx.ModelProto, max_inline: int = 1024) -> dict[st
     except Exception:  # noqa: BLE001 - inference is best effort; ranks then come from weights
         return {}
     types: dict[str, onnx.TypeProto] = {}
-
-    def collect(graph: onnx.GraphProto) -> None:
+    for graph in graph_and_nested(inferred.graph):
         for v in (*graph.input, *graph.output, *graph.value_info):
             types.setdefault(v.name, v.type)
-        for n in graph.node:
-            for sg in subgraphs(n):
-                collect(sg)
-
-    collect(inferred.graph)
     return types
 
 
 def all_names(graph: onnx.GraphProto) -> set[str]:
     """Every tensor and node name in a graph and its nested graphs."""
-    names = {t.name for t in graph.initializer}
-    names.update(v.name for v in (*graph.input, *graph.output, *graph.value_info))
-    for n in graph.node:
-        names.update(n.input)
-        names.update(n.output)
-        names.add(n.name)
-        for g in subgraphs(n):
-            names |= all_names(g)
+    names: set[str] = set()
+    for g in graph_and_nested(graph):
+        names.update(t.name for t in g.initializer)
+        names.update(v.name for v in (*g.input, *g.output, *g.value_info))
+        for n in g.node:
+            names.update(n.input)
+            names.update(n.output)
+            names.add(n.name)
     return names
