@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper
 from builders import corrupt_rule
+from onnx import TensorProto, helper
 from verify_builders import bn, bn_params, conv_chain, two_outputs, weight
 
 import bnfold
@@ -105,6 +105,7 @@ def test_several_culprits(corrupt_bn) -> None:
 
 def test_culprit_in_one_of_several_outputs(monkeypatch) -> None:
     m = two_outputs()
+
     def spoil(site):
         site.aff.t = np.asarray(site.aff.t, dtype=np.float64) + 1.0
 

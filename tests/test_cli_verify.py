@@ -7,8 +7,8 @@ import os
 import numpy as np
 import onnx
 import pytest
-from click.testing import CliRunner
 from builders import corrupt_rule
+from click.testing import CliRunner
 from helpers import run_cli
 from verify_builders import conv_chain, custom_op_model, int_bool_model, scale_channel
 

@@ -64,7 +64,7 @@ def layout_path(draw, shape: tuple[int, ...]):
             del cur[axis]
         elif op == "Reshape" and len(cur) >= 2:
             i = draw(st.integers(0, len(cur) - 2))
-            target = cur[:i] + [cur[i] * cur[i + 1]] + cur[i + 2 :]  # merge two neighbours
+            target = [*cur[:i], cur[i] * cur[i + 1], *cur[i + 2 :]]  # merge two neighbours
             if draw(st.booleans()):
                 target[draw(st.integers(0, len(target) - 1))] = -1
             steps.append((op, target))
@@ -173,7 +173,8 @@ def test_conv_through_random_layout_path(c, group, hw, data, affine, wrong_axis,
             expect = Reason.CHANNEL_AXIS_MOVED if transposed else Reason.NOT_PER_CHANNEL
         else:
             varying = [a for a in range(rank) if after.shape[a] > 1]
-            k_axis, expect = varying[-1], Reason.CHANNEL_AXIS_LOST
+            # 1-D data has no channel axis for any constant
+            k_axis, expect = varying[-1], Reason.CHANNEL_AXIS_LOST if rank > 1 else Reason.SHAPE_MISMATCH
         n = after.shape[k_axis]
         v = rng.uniform(0.5, 2.0, n) * rng.choice([-1, 1], n)
         inits.append(init("k", along(v.astype(np.float32), k_axis, rank)))
@@ -230,7 +231,10 @@ def _conv1d_keras(opset: int, seed: int = 0) -> onnx.ModelProto:
             helper.make_node("Conv", ["u", "w"], ["p"], name="conv"),
             helper.make_node("Squeeze", ["p"], ["q"], name="sq", axes=[2]),
         ]
-    nodes += [helper.make_node("Mul", ["q", "m"], ["r"], name="mul"), helper.make_node("Add", ["r", "a"], ["y"], name="add")]
+    nodes += [
+        helper.make_node("Mul", ["q", "m"], ["r"], name="mul"),
+        helper.make_node("Add", ["r", "a"], ["y"], name="add"),
+    ]
     return make_model(nodes, inits, [("x", F32, [2, 3, 10])], ["y"], opset=opset)
 
 
@@ -331,7 +335,10 @@ def test_levit_matmul_reshape_bn_reshape(b, n, k, c, bias, flatten, dtype, seed)
 def test_matmul_3d_output_folds_a_mul_on_its_last_axis() -> None:
     rng = np.random.default_rng(4)
     inits = [init("w", he_weight(rng, (3, 4), 3)), init("m", rng.uniform(0.5, 2, 4).astype(np.float32))]
-    nodes = [helper.make_node("MatMul", ["x", "w"], ["p"], name="mm"), helper.make_node("Mul", ["p", "m"], ["y"], name="mul")]
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["p"], name="mm"),
+        helper.make_node("Mul", ["p", "m"], ["y"], name="mul"),
+    ]
     result = fold_checked(make_model(nodes, inits, [("x", F32, [2, 5, 3])], ["y"]))
     assert patterns(result) == Counter({"MatMul+Mul": 1})
     assert ops(result.model) == Counter({"MatMul": 1})
@@ -434,3 +441,67 @@ def test_dropout_in_inference_folds() -> None:
     nodes += [helper.make_node("Dropout", ["p", "ratio", "train"], ["d"], name="drop"), bn_node("bn", "d", "y")]
     result = fold_checked(make_model(nodes, inits, [("x", F32, [1, 3, 6, 6])], ["y"]))
     assert patterns(result) == Counter({"Conv+Dropout+BatchNormalization": 1})
+
+
+# ---------------------------------------------------------------------------
+# BN after Concat(axis=1) of Convs (YOLOv5 BottleneckCSP)
+# ---------------------------------------------------------------------------
+
+
+@SETTINGS
+@given(
+    counts=st.lists(st.integers(1, 4), min_size=1, max_size=3),
+    groups=st.lists(st.sampled_from([1, 2]), min_size=3, max_size=3),
+    affine=st.sampled_from(["BatchNormalization", "Mul", "Add"]),
+    negative_axis=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_bn_after_concat_of_convs(counts, groups, affine, negative_axis, seed) -> None:
+    rng = np.random.default_rng(seed)
+    inits: list = []
+    nodes = []
+    outs = []
+    for i, c in enumerate(counts):
+        g = groups[i] if c % groups[i] == 0 else 1
+        inits.append(init(f"w{i}", he_weight(rng, (c, 4 // g, 3, 3), 36 // g)))
+        if i % 2:
+            inits.append(init(f"b{i}", rng.normal(0, 0.3, c).astype(np.float32)))
+        ins = ["x", f"w{i}"] + ([f"b{i}"] if i % 2 else [])
+        nodes.append(helper.make_node("Conv", ins, [f"c{i}"], name=f"conv{i}", group=g, pads=[1, 1, 1, 1]))
+        outs.append(f"c{i}")
+    total = sum(counts)
+    nodes.append(helper.make_node("Concat", outs, ["cat"], name="cat", axis=-3 if negative_axis else 1))
+    if affine == "BatchNormalization":
+        inits += bn_params(rng, "bn", total)
+        nodes.append(bn_node("bn", "cat", "y"))
+    else:
+        v = rng.uniform(0.5, 2, (total, 1, 1)) if affine == "Mul" else rng.normal(0, 1, (total, 1, 1))
+        inits.append(init("k", v.astype(np.float32)))
+        nodes.append(helper.make_node(affine, ["cat", "k"], ["y"], name="aff"))
+    result = fold_checked(make_model(nodes, inits, [("x", F32, [1, 4, 5, 5])], ["y"]))
+    assert patterns(result) == Counter({f"Conv+Concat+{affine}": 1})
+    assert ops(result.model) == Counter({"Conv": len(counts), "Concat": 1})
+
+
+@pytest.mark.parametrize("why", ["relu_input", "shared_conv_output", "axis_2"])
+def test_bn_after_concat_left_alone(why: str) -> None:
+    rng = np.random.default_rng(13)
+    inits = [init("w0", he_weight(rng, (2, 3, 3, 3), 27)), init("w1", he_weight(rng, (2, 3, 3, 3), 27))]
+    nodes = [
+        helper.make_node("Conv", ["x", "w0"], ["c0"], name="conv0", pads=[1, 1, 1, 1]),
+        helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+    ]
+    second, outputs, c, axis = "c1", ["y"], 4, 1
+    if why == "relu_input":
+        nodes.append(helper.make_node("Relu", ["c1"], ["r"], name="relu"))
+        second = "r"
+    elif why == "shared_conv_output":
+        outputs.append("c1")
+    else:
+        axis, c = 2, 2
+    nodes.append(helper.make_node("Concat", ["c0", second], ["cat"], name="cat", axis=axis))
+    inits += bn_params(rng, "bn", c)
+    nodes.append(bn_node("bn", "cat", "y"))
+    model = make_model(nodes, inits, [("x", F32, [1, 3, 4, 4])], outputs)
+    reason = Reason.PRODUCER_OUTPUT_SHARED if why == "shared_conv_output" else Reason.UNSUPPORTED_PRODUCER
+    _left(model, reason)

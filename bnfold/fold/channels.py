@@ -141,26 +141,30 @@ def _stride(view: GraphView, pos: Pos, node: onnx.NodeProto) -> tuple[int, list[
 
 
 def _regroup(stride: int, channels: int, out: list[int | None], node: onnx.NodeProto) -> Pos:
-    """Where the channel lands in output dims ``out`` (None unknown), given its flat stride."""
+    """Where the channel lands in output dims ``out`` (None unknown), given its flat stride.
+
+    The channel digit spans flat strides ``[stride, stride * C)``; it stays on one
+    axis ``j`` when that axis covers the whole span (``acc <= stride`` and
+    ``stride * C <= acc * d``, ``acc`` being the product of the dims after ``j``).
+    """
     acc = 1
+    block = stride * channels
     for j in range(len(out) - 1, -1, -1):
         d = out[j]
         if d is None and j > 0:
             raise Rejected(Reason.UNKNOWN_SHAPE, f"the output shape of {display_name(node)} is not known")
-        if d is not None and acc * d <= stride:
+        if d is not None and acc * d < block:
             acc *= d
             continue
-        if stride % acc:
+        if acc > stride or stride % acc:
             break
         inner = stride // acc
         if d is None:
             return Pos(j, len(out), inner, None)
-        if d % (channels * inner):
+        if (acc * d) % block:
             break
         return Pos(j, len(out), inner, d // (channels * inner))
-    raise Rejected(
-        Reason.CHANNEL_AXIS_LOST, f"{display_name(node)} splits the {channels} channels over several axes"
-    )
+    raise Rejected(Reason.CHANNEL_AXIS_LOST, f"{display_name(node)} splits the {channels} channels over several axes")
 
 
 def follow(view: GraphView, pos: Pos, node: onnx.NodeProto, channels: int) -> Pos:

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import onnx
 
+from bnfold.fold.affine import AFFINE_OPS, ARITH_OPS, Affine, read_affine
+from bnfold.fold.channels import path_down, path_up
 from bnfold.fold.graph import (
     ExternalReader,
     GraphView,
@@ -16,8 +18,6 @@ from bnfold.fold.graph import (
     graph_and_nested,
     infer_value_types,
 )
-from bnfold.fold.affine import AFFINE_OPS, ARITH_OPS, Affine, read_affine
-from bnfold.fold.channels import path_down, path_up
 from bnfold.fold.nodes import display_name, is_standard
 from bnfold.fold.report import Fold, FoldReport, Reason, Rejected, Skip
 from bnfold.fold.rules import Plan, Rule, Side, Site, consumer_targets, rules_for
@@ -258,18 +258,14 @@ def _private_above(view: GraphView, site: Site) -> Rejected | None:
         out = node.output[0] if node.output else ""
         wanted = reader.input[0] if reader is not site.aff.node else site.aff.data
         if out != wanted:
-            return Rejected(
-                Reason.UNSUPPORTED_PRODUCER, f"it reads output '{wanted}' of {node.op_type}, not the first"
-            )
+            return Rejected(Reason.UNSUPPORTED_PRODUCER, f"it reads output '{wanted}' of {node.op_type}, not the first")
         if k == 0:
             if view.is_graph_output(out):
                 return Rejected(
                     Reason.PRODUCER_OUTPUT_IS_GRAPH_OUTPUT, f"'{out}' from {display_name(node)} is a graph output"
                 )
             if not view.only_consumer(out, reader):
-                return Rejected(
-                    Reason.PRODUCER_OUTPUT_SHARED, f"'{out}' from {display_name(node)} has other consumers"
-                )
+                return Rejected(Reason.PRODUCER_OUTPUT_SHARED, f"'{out}' from {display_name(node)} has other consumers")
         elif view.is_graph_output(out) or not view.only_consumer(out, reader):
             why = "is a graph output" if view.is_graph_output(out) else "has other readers"
             return Rejected(Reason.INTERMEDIATE_SHARED, f"'{out}' from {display_name(node)} {why}")

@@ -240,7 +240,9 @@ class GraphView:
         return [
             i
             for k, i in enumerate(node.input)
-            if i and not (node.op_type in constants.SHAPE_ONLY and k == 0) and (node.op_type, k) not in constants.TYPE_ONLY
+            if i
+            and not (node.op_type in constants.SHAPE_ONLY and k == 0)
+            and (node.op_type, k) not in constants.TYPE_ONLY
         ]
 
     def _compute_constant(self, name: str) -> np.ndarray | None:

@@ -264,7 +264,9 @@ def fold_into_next_gemm(
     beta: float,
     weight_dtype: np.dtype | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """Affine ``s*A + t`` along K before ``Gemm(A, B, C)``: scale row ``k`` of ``op(B)``; ``C' = beta*C + alpha * t @ op(B)``.
+    """Affine ``s*A + t`` along K before ``Gemm(A, B, C)``: scale row ``k`` of ``op(B)`` by ``s[k]``.
+
+    The shift moves into ``C' = beta*C + alpha * t @ op(B)``.
 
     The returned ``C`` goes with ``beta = 1`` (None: no ``C`` and no shift).
     """

@@ -138,6 +138,8 @@ def channels_at_affine(view: GraphView, site: Site, start: Pos, channels: int) -
     affine constant must vary along that axis only (a BN along axis 1).
     """
     aff = site.aff
+    if aff.axis is None and site.path:
+        return start  # a scalar commutes with any layout op: where the channels went does not matter
     pos = follow_path(view, start, list(site.path), channels)
     if not pos.alone:
         raise Rejected(
@@ -157,9 +159,7 @@ def channels_at_affine(view: GraphView, site: Site, start: Pos, channels: int) -
             ops = "+".join(p.op_type for p in site.path)
             raise Rejected(Reason.CHANNEL_AXIS_MOVED, f"{ops} moves the channels to axis {index}, but {what}")
         if aff.is_bn:
-            raise Rejected(
-                Reason.SHAPE_MISMATCH, f"{site.target.op_type} output channels are on axis {index}: {what}"
-            )
+            raise Rejected(Reason.SHAPE_MISMATCH, f"{site.target.op_type} output channels are on axis {index}: {what}")
         raise Rejected(Reason.NOT_PER_CHANNEL, f"{what}, the channels of {site.target.op_type} are on axis {index}")
     return Pos(index, rank, 1, 1)
 
@@ -315,6 +315,41 @@ def match_matmul_bias(view: GraphView, site: Site, slots: SlotReader) -> Plan:
     w64, b64 = fm.fold_matmul(wv, sign * bias64, s, t, w.round_into)
     # The MatMul output changes: it must feed nothing but this bias.
     return Plan([w.put(w64), bias.put(sign * b64)], private=(x,))
+
+
+def match_concat(view: GraphView, site: Site, slots: SlotReader) -> Plan:
+    """Affine after ``Concat(axis=1)`` of private Conv outputs: split ``s``, ``t`` by the slices, fold each part.
+
+    YOLOv5's BottleneckCSP: ``bn(cat(cv3(...), cv2(x)))``.
+    """
+    cat, aff = site.target, site.aff
+    convs: list[onnx.NodeProto] = []
+    for x in cat.input:
+        p = view.producer_of(x)
+        if not is_standard(p, "Conv") or p is None or p.output[0] != x:
+            raise Rejected(Reason.UNSUPPORTED_PRODUCER, f"Concat input '{x}' is not the output of a Conv")
+        convs.append(p)
+    if len(set(cat.input)) != len(cat.input):
+        raise Rejected(Reason.UNSUPPORTED_PRODUCER, "the Concat reads one Conv output twice")
+    weights = [slots.weight(conv) for conv in convs]
+    ranks = {_value(w.value).ndim for w in weights}
+    rank = ranks.pop() if len(ranks) == 1 else None
+    if rank is None or attr(cat, "axis", 1) % rank != 1:
+        raise Rejected(Reason.UNSUPPORTED_PRODUCER, "the Concat does not join the Convs' channel axis 1")
+    counts = [_value(w.value).shape[0] for w in weights]
+    total = sum(counts)
+    channels_at_affine(view, site, Pos(1, rank), total)
+    s, t = aff.per_channel(total)
+    writes: list[Write] = []
+    start = 0
+    for conv, w, n in zip(convs, weights, counts, strict=True):
+        wv = _value(w.value)
+        _group(conv, wv)
+        b = slots.optional(conv, 2, "bias", w.dtype, "bias")
+        w64, b64 = fm.fold_conv(wv, b.value, s[start : start + n], t[start : start + n], w.round_into)
+        writes += [w.put(w64), b.put(b64)]
+        start += n
+    return Plan(writes, private=tuple(cat.input))
 
 
 def match_bn(view: GraphView, site: Site, slots: SlotReader) -> Plan:
@@ -565,6 +600,9 @@ REGISTRY: tuple[Rule, ...] = (
     Rule("MatMul+Sub+BatchNormalization", Side.PRODUCER, "Sub", _ANY_AFFINE, LAYOUT_OPS,
          "scale columns of W; fold into the bias Sub after the MatMul", match_matmul_bias, apply_splice,
          head=("MatMul",)),
+    Rule("Conv+Concat+BatchNormalization", Side.PRODUCER, "Concat", _ANY_AFFINE, LAYOUT_OPS,
+         "after Concat(axis=1) of private Conv outputs: s and t split by the slices, into each Conv",
+         match_concat, apply_splice, head=("Conv",)),
     Rule("BatchNormalization+Mul", Side.PRODUCER, "BatchNormalization", ARITH_OPS, LAYOUT_OPS,
          "an affine op after a BN that stays: into its scale and bias", match_bn, apply_splice),
     Rule("BatchNormalization+Conv", Side.CONSUMER, "Conv", _ANY_AFFINE, (),
