@@ -99,3 +99,20 @@ def test_declared_output_shape_that_lies_is_not_trusted() -> None:
     result = bnfold.fold_model(model)
     assert result.report.folds == []
     assert result.model.SerializeToString() == model.SerializeToString()
+
+
+def test_long_affine_chain_before_an_unpadded_conv_folds_completely() -> None:
+    """Each consumer fold retries the op before it in the same pass: 200 ops, far more than the pass limit."""
+    rng = np.random.default_rng(4)
+    n = 200
+    inits = [init("w", he_weight(rng, (2, 3, 1, 1), 3))]
+    nodes = [helper.make_node("Relu", ["x"], ["a0"], name="relu")]
+    for k in range(n):
+        op = "Mul" if k % 2 else "Add"
+        v = rng.uniform(0.9, 1.1, (3, 1, 1)) if op == "Mul" else rng.normal(0, 0.1, (3, 1, 1))
+        inits.append(init(f"k{k}", v.astype(np.float32)))
+        nodes.append(helper.make_node(op, [f"a{k}", f"k{k}"], [f"a{k + 1}"], name=f"op{k}"))
+    nodes.append(helper.make_node("Conv", [f"a{n}", "w"], ["y"], name="conv"))
+    result = fold_checked(make_model(nodes, inits, [("x", F32, [1, 3, 4, 4])], ["y"]))
+    assert len(result.report.folds) == n
+    assert [node.op_type for node in result.model.graph.node] == ["Relu", "Conv"]

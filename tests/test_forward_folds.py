@@ -42,6 +42,7 @@ def affine_node(rng, kind: str, x: str, y: str, c: int, rank: int, inits: list, 
     m=st.integers(1, 4),
     k=st.integers(1, 6),
     n=st.integers(1, 5),
+    trans_a=st.booleans(),
     trans_b=st.booleans(),
     alpha=st.sampled_from([1.0, 0.5, -2.0]),
     beta=st.sampled_from([1.0, 0.25, -1.5]),
@@ -49,18 +50,32 @@ def affine_node(rng, kind: str, x: str, y: str, c: int, rank: int, inits: list, 
     scalar=st.booleans(),
     seed=st.integers(0, 2**31 - 1),
 )
-def test_affine_before_gemm(kind, m, k, n, trans_b, alpha, beta, c_shape, scalar, seed) -> None:
+def test_affine_before_gemm(kind, m, k, n, trans_a, trans_b, alpha, beta, c_shape, scalar, seed) -> None:
+    """Gemm sums over axis 1 of A (axis 0 with transA): an affine op along that axis folds."""
     rng = np.random.default_rng(seed)
     inits: list = []
-    nodes = [affine_node(rng, kind, "x", "a", k, 2, inits, scalar)]
+    if trans_a:  # A is [K, M]: the constant runs along axis 0, [K, 1]
+        if kind == "BatchNormalization":
+            return  # BN runs along axis 1 = M there: the trap test below
+        shape = () if scalar else (k, 1)
+        v = (
+            rng.uniform(0.5, 2.0, shape) * rng.choice([-1, 1], shape)
+            if kind in ("Mul", "Div")
+            else rng.normal(0, 1, shape)
+        )
+        inits.append(init("k", np.asarray(v, np.float32)))
+        nodes = [helper.make_node(kind, ["x", "k"], ["a"], name="aff")]
+    else:
+        nodes = [affine_node(rng, kind, "x", "a", k, 2, inits, scalar)]
     inits.append(init("B", he_weight(rng, (n, k) if trans_b else (k, n), k)))
     ins = ["a", "B"]
     shapes = {"n": (n,), "1n": (1, n), "mn": (m, n), "m1": (m, 1), "scalar": ()}
     if c_shape != "none":
         inits.append(init("C", rng.normal(0, 0.5, shapes[c_shape]).astype(np.float32)))
         ins.append("C")
-    nodes.append(helper.make_node("Gemm", ins, ["y"], name="fc", transB=int(trans_b), alpha=alpha, beta=beta))
-    result = fold_checked(make_model(nodes, inits, [("x", F32, [m, k])], ["y"]))
+    attrs = {"transA": int(trans_a), "transB": int(trans_b), "alpha": alpha, "beta": beta}
+    nodes.append(helper.make_node("Gemm", ins, ["y"], name="fc", **attrs))
+    result = fold_checked(make_model(nodes, inits, [("x", F32, [k, m] if trans_a else [m, k])], ["y"]))
     assert patterns(result) == Counter({f"{kind}+Gemm": 1})
     assert ops(result.model) == Counter({"Gemm": 1})
 
@@ -254,3 +269,43 @@ def test_trap_flatten_output_shared_before_gemm() -> None:
         helper.make_node("Relu", ["f"], ["z"], name="relu"),
     ]
     _left(make_model(nodes, inits, [("x", F32, [2, 3, 2, 2])], ["y", "z"]), Reason.INTERMEDIATE_SHARED)
+
+
+def test_bn_identity_unpadded_conv() -> None:
+    rng = np.random.default_rng(8)
+    inits = [*bn_params(rng, "bn", 3), init("w", he_weight(rng, (4, 3, 1, 1), 3))]
+    nodes = [
+        bn_node("bn", "x", "a"),
+        helper.make_node("Identity", ["a"], ["i"], name="id"),
+        helper.make_node("Conv", ["i", "w"], ["y"], name="conv"),
+    ]
+    result = fold_checked(make_model(nodes, inits, [("x", F32, [1, 3, 4, 4])], ["y"]))
+    assert patterns(result) == Counter({"BatchNormalization+Identity+Conv": 1})
+
+
+def test_blame_finds_a_wrong_forward_fold(monkeypatch) -> None:
+    """Verification and per-fold blame cover the new folds: a corrupted BN+Flatten+Gemm is named."""
+    from builders import corrupt_rule
+
+    from bnfold.verify.blame import verify_fold
+
+    rng = np.random.default_rng(9)
+    inits = [*bn_params(rng, "bn", 3), init("B", he_weight(rng, (12, 2), 12))]
+    inits += [init("w", he_weight(rng, (3, 3, 3, 3), 27)), *bn_params(rng, "bn0", 3)]
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+        bn_node("bn0", "c", "c0"),
+        helper.make_node("Relu", ["c0"], ["r"], name="relu"),
+        bn_node("bn", "r", "a"),
+        helper.make_node("Flatten", ["a"], ["f"], name="flat"),
+        helper.make_node("Gemm", ["f", "B"], ["y"], name="fc"),
+    ]
+    model = make_model(nodes, inits, [("x", F32, [2, 3, 2, 2])], ["y"])
+
+    def spoil(site):
+        site.aff.t = np.asarray(site.aff.t, dtype=np.float64) + 1.0
+
+    corrupt_rule(monkeypatch, "BatchNormalization+Gemm", spoil)
+    fv = verify_fold(model, bnfold.fold_model(model), keep_safe=True)
+    assert [(f.node, f.pattern) for f in fv.blame.culprits] == [("bn", "BatchNormalization+Flatten+Gemm")]
+    assert fv.kept_safe and {f.node for f in fv.result.report.folds} == {"bn0"}

@@ -1,4 +1,12 @@
-"""The fold engine: walk every graph, apply the patterns until nothing changes."""
+"""The fold engine: walk every graph, apply the rules until nothing changes.
+
+For each affine node it finds the op before it (through layout ops) and the op
+after it, tries the registered rules for them (:mod:`bnfold.fold.rules`), and
+for the first that matches: checks that every tensor the fold changes is
+private, rounds the plan's slot writes once (:mod:`bnfold.fold.slots`), stores
+them, and lets the rule edit the graph.  Otherwise it reports the most specific
+reason.  Edits are committed once per pass.
+"""
 
 from __future__ import annotations
 
@@ -160,32 +168,44 @@ def graph_pre_pass(view: GraphView) -> bool:
 
 def _one_pass(view: GraphView, report: FoldReport, only: Selector | None = None) -> tuple[bool, list[Skip], list[Skip]]:
     changed = False
-    skips: list[Skip] = []
-    affine_skips: list[Skip] = []
-    for node in view.nodes[: len(view.graph.node)]:  # not the nodes this pass inserts
-        if view.position[id(node)] in view.removed:
-            continue
-        is_bn = node.op_type == "BatchNormalization"
-        name, op_type = display_name(node), node.op_type
-        try:
-            aff = read_affine(view, node)
-            if aff is None:
+    skips: dict[int, Skip] = {}
+    affine_skips: dict[int, Skip] = {}
+    first = view.nodes[: len(view.graph.node)]  # not the nodes this pass inserts
+    for start in first:
+        todo = [start]
+        while todo:
+            node = todo.pop()
+            if view.position[id(node)] in view.removed:
                 continue
-            if only is not None and not only(name, view.path):
-                raise Rejected(Reason.EXCLUDED, "left out on request (its fold was excluded)")
-            pattern, target = _fold_one(view, aff)
-        except Rejected as r:
-            if is_bn:
-                skips.append(Skip(name, r.reason, r.message, view.path))
-            elif arith_worth_reporting(view, node, r):
-                affine_skips.append(Skip(name, r.reason, r.message, view.path, op_type))
-            continue
-        report.folds.append(Fold(name, op_type, display_name(target), target.op_type, pattern, view.path))
-        changed = True
-    return changed, skips, affine_skips
+            is_bn = node.op_type == "BatchNormalization"
+            name, op_type = display_name(node), node.op_type
+            try:
+                aff = read_affine(view, node)
+                if aff is None:
+                    continue
+                if only is not None and not only(name, view.path):
+                    raise Rejected(Reason.EXCLUDED, "left out on request (its fold was excluded)")
+                pattern, target, side = _fold_one(view, aff)
+            except Rejected as r:
+                if is_bn:
+                    skips[id(node)] = Skip(name, r.reason, r.message, view.path)
+                elif arith_worth_reporting(view, node, r):
+                    affine_skips[id(node)] = Skip(name, r.reason, r.message, view.path, op_type)
+                continue
+            skips.pop(id(node), None)
+            affine_skips.pop(id(node), None)
+            report.folds.append(Fold(name, op_type, display_name(target), target.op_type, pattern, view.path))
+            changed = True
+            if side is Side.CONSUMER:
+                # The affine op before this one (seen earlier in this pass) now feeds the
+                # consumer: try it again at once, so a chain folds in one pass, not one per op.
+                before = view.producer_of(aff.data)
+                if is_standard(before, *AFFINE_OPS) and before is not None and before.output[0] == aff.data:
+                    todo.append(before)
+    return changed, list(skips.values()), list(affine_skips.values())
 
 
-def _fold_one(view: GraphView, aff: Affine) -> tuple[str, onnx.NodeProto]:
+def _fold_one(view: GraphView, aff: Affine) -> tuple[str, onnx.NodeProto, Side]:
     """Fold ``aff`` into its producer, else into its consumer; Rejected with the best reason."""
     rejections: list[Rejected] = []
     target, path = path_up(view, aff.data)
@@ -224,8 +244,12 @@ def _fold_one(view: GraphView, aff: Affine) -> tuple[str, onnx.NodeProto]:
 
 def _try(
     view: GraphView, rule: Rule, site: Site, blocked: Rejected | None, rejections: list[Rejected]
-) -> tuple[str, onnx.NodeProto] | None:
+) -> tuple[str, onnx.NodeProto, Side] | None:
     """Match, check, round, store and apply one rule; None (and the reason noted) when it does not apply."""
+    claimed = rule.claims(view, site)
+    if claimed is not None:
+        rejections.append(claimed)
+        return None
     if blocked is not None:
         rejections.append(blocked)
         return None
@@ -244,7 +268,7 @@ def _try(
     pattern = rule.pattern(site)  # before apply: a rule may turn the affine node into a bias Add
     store(view, ready, slots.keep_exact)
     rule.apply(view, site, plan)
-    return pattern, site.target
+    return pattern, site.target, rule.side
 
 
 def _private_above(view: GraphView, site: Site) -> Rejected | None:

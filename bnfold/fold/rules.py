@@ -61,6 +61,7 @@ class Plan:
 
 Match = Callable[[GraphView, Site, SlotReader], Plan]
 Apply = Callable[[GraphView, Site, Plan], None]
+Claim = Callable[[GraphView, Site], None]
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,8 @@ class Rule:
 
     ``name`` is the pattern with a BN (the one documented); the name of each
     fold done shows its actual path (:meth:`pattern`), e.g. ``Conv+Squeeze+Mul``.
+    ``claim`` (optional) checks, before anything else, that the neighbour is a
+    fold target of this rule at all (raises Rejected when it is not).
     """
 
     name: str
@@ -80,12 +83,25 @@ class Rule:
     match: Match
     apply: Apply
     head: tuple[str, ...] = ()
+    claim: Claim | None = None
 
-    def check(self, view: GraphView, site: Site, slots: SlotReader) -> Plan | Rejected:
-        """The plan, or why the rule does not apply (``match`` changes nothing)."""
+    def claims(self, view: GraphView, site: Site) -> Rejected | None:
+        """None when the neighbour at ``site`` is this rule's kind of target (cheap, structural)."""
         if any(p.op_type not in self.through for p in site.path):
             ops = "+".join(p.op_type for p in site.path)
             return Rejected(Reason.UNSUPPORTED_PRODUCER, f"{self.target} is not folded through {ops}")
+        if self.claim is not None:
+            try:
+                self.claim(view, site)
+            except Rejected as r:
+                return r
+        return None
+
+    def check(self, view: GraphView, site: Site, slots: SlotReader) -> Plan | Rejected:
+        """The plan, or why the rule does not apply (``match`` changes nothing)."""
+        claimed = self.claims(view, site)
+        if claimed is not None:
+            return claimed
         try:
             return self.match(view, site, slots)
         except Rejected as r:
@@ -317,20 +333,34 @@ def match_matmul_bias(view: GraphView, site: Site, slots: SlotReader) -> Plan:
     return Plan([w.put(w64), bias.put(sign * b64)], private=(x,))
 
 
+def _concat_convs(view: GraphView, site: Site) -> list[onnx.NodeProto]:
+    """The Convs whose private outputs a Concat joins; Rejected (no fold target) otherwise."""
+    cat = site.target
+    convs: list[onnx.NodeProto] = []
+    for x in cat.input:
+        p = view.producer_of(x)
+        if not is_standard(p, "Conv") or p is None or p.output[0] != x:
+            raise Rejected(Reason.UNSUPPORTED_PRODUCER, f"Concat input '{x}' is not the output of a Conv")
+        if not view.only_consumer(x, cat):
+            # No fold target then (densenet's Concats of shared features): the BN just stays.
+            raise Rejected(Reason.UNSUPPORTED_PRODUCER, f"Concat input '{x}' has other readers")
+        convs.append(p)
+    if len(set(cat.input)) != len(cat.input):
+        raise Rejected(Reason.UNSUPPORTED_PRODUCER, "the Concat reads one Conv output twice")
+    return convs
+
+
+def claim_concat(view: GraphView, site: Site) -> None:
+    _concat_convs(view, site)
+
+
 def match_concat(view: GraphView, site: Site, slots: SlotReader) -> Plan:
     """Affine after ``Concat(axis=1)`` of private Conv outputs: split ``s``, ``t`` by the slices, fold each part.
 
     YOLOv5's BottleneckCSP: ``bn(cat(cv3(...), cv2(x)))``.
     """
     cat, aff = site.target, site.aff
-    convs: list[onnx.NodeProto] = []
-    for x in cat.input:
-        p = view.producer_of(x)
-        if not is_standard(p, "Conv") or p is None or p.output[0] != x:
-            raise Rejected(Reason.UNSUPPORTED_PRODUCER, f"Concat input '{x}' is not the output of a Conv")
-        convs.append(p)
-    if len(set(cat.input)) != len(cat.input):
-        raise Rejected(Reason.UNSUPPORTED_PRODUCER, "the Concat reads one Conv output twice")
+    convs = _concat_convs(view, site)
     weights = [slots.weight(conv) for conv in convs]
     ranks = {_value(w.value).ndim for w in weights}
     rank = ranks.pop() if len(ranks) == 1 else None
@@ -581,6 +611,7 @@ def bypass(view: GraphView, site: Site) -> None:
 
 _ANY_AFFINE = AFFINE_OPS
 _TOWARDS_LINEAR = LAYOUT_OPS
+_SAME_LAYOUT = ("Identity", "Dropout")  # a Conv reads channels on axis 1: only ops that keep every axis
 
 # The one registry: order matters only among rules of one side and target op.
 REGISTRY: tuple[Rule, ...] = (
@@ -602,12 +633,12 @@ REGISTRY: tuple[Rule, ...] = (
          head=("MatMul",)),
     Rule("Conv+Concat+BatchNormalization", Side.PRODUCER, "Concat", _ANY_AFFINE, LAYOUT_OPS,
          "after Concat(axis=1) of private Conv outputs: s and t split by the slices, into each Conv",
-         match_concat, apply_splice, head=("Conv",)),
+         match_concat, apply_splice, head=("Conv",), claim=claim_concat),
     Rule("BatchNormalization+Mul", Side.PRODUCER, "BatchNormalization", ARITH_OPS, LAYOUT_OPS,
          "an affine op after a BN that stays: into its scale and bias", match_bn, apply_splice),
-    Rule("BatchNormalization+Conv", Side.CONSUMER, "Conv", _ANY_AFFINE, (),
+    Rule("BatchNormalization+Conv", Side.CONSUMER, "Conv", _ANY_AFFINE, _SAME_LAYOUT,
          "before a Conv that pads nothing: W' = W * s[c], b' = b + sum W * t[c]", match_next_conv, apply_bypass),
-    Rule("BatchNormalization+ConvTranspose", Side.CONSUMER, "ConvTranspose", _ANY_AFFINE, (),
+    Rule("BatchNormalization+ConvTranspose", Side.CONSUMER, "ConvTranspose", _ANY_AFFINE, _SAME_LAYOUT,
          "a pure scale before a ConvTranspose: W'[i] = s[i] * W[i] (a shift is left)",
          match_next_conv_transpose, apply_bypass),
     Rule("BatchNormalization+Gemm", Side.CONSUMER, "Gemm", _ANY_AFFINE, _TOWARDS_LINEAR,
