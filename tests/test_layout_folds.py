@@ -195,6 +195,72 @@ def test_conv_through_random_layout_path(c, group, hw, data, affine, wrong_axis,
         assert result.model.SerializeToString() == model.SerializeToString()
 
 
+@SETTINGS
+@given(
+    kind=st.sampled_from(["MatMul", "MatMul+Add", "Gemm", "ConvTranspose"]),
+    c=st.integers(2, 5),
+    data=st.data(),
+    affine=st.sampled_from(["BatchNormalization", "Mul", "Add", "Sub", "Div"]),
+    dtype=st.sampled_from([np.float32, np.float64]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_linear_producers_through_random_layout_path(kind, c, data, affine, dtype, seed) -> None:
+    """MatMul (channels on the last axis of a 3-D output), MatMul + bias, Gemm, ConvTranspose, then a random path."""
+    rng = np.random.default_rng(seed)
+    et = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    if kind == "ConvTranspose" and dtype == np.float64:
+        dtype, et = np.float32, F32  # no float64 ConvTranspose kernel on onnxruntime's CPU provider
+    inits: list = []
+    if kind.startswith("MatMul"):
+        out, axis0, x_shape = (2, 3, c), 2, [2, 3, 4]
+        inits.append(init("w", he_weight(rng, (4, c), 4, dtype)))
+        nodes = [helper.make_node("MatMul", ["x", "w"], ["p0" if kind == "MatMul+Add" else "p"], name="mm")]
+        if kind == "MatMul+Add":
+            inits.append(init("bias", rng.normal(0, 1, c).astype(dtype)))
+            nodes.append(helper.make_node("Add", ["p0", "bias"], ["p"], name="bias"))
+    elif kind == "Gemm":
+        out, axis0, x_shape = (3, c), 1, [3, 4]
+        inits.append(init("w", he_weight(rng, (4, c), 4, dtype)))
+        nodes = [helper.make_node("Gemm", ["x", "w"], ["p"], name="fc")]
+    else:
+        out, axis0, x_shape = (1, c, 4, 4), 1, [1, 2, 2, 2]
+        inits.append(init("w", he_weight(rng, (2, c, 2, 2), 8, dtype)))
+        nodes = [helper.make_node("ConvTranspose", ["x", "w"], ["p"], name="up", strides=[2, 2])]
+    steps = data.draw(layout_path(out))
+    ids = np.broadcast_to(np.arange(c).reshape([-1 if a == axis0 else 1 for a in range(len(out))]), out)
+    after = apply_numpy(ids, steps)
+    axis = channel_axis(after, c)
+    lnodes, last = layout_nodes(steps, "p", 17, inits)
+    nodes += lnodes
+    rank = after.ndim
+    if rank < 2:
+        return
+    if affine == "BatchNormalization":
+        inits += bn_params(rng, "bn", after.shape[1], dtype)
+        nodes.append(bn_node("bn", last, "y"))
+        folds = axis == 1
+    else:
+        k_axis = axis if axis is not None else [a for a in range(rank) if after.shape[a] > 1][-1]
+        n = after.shape[k_axis]
+        v = rng.uniform(0.5, 2.0, n) * rng.choice([-1, 1], n)
+        inits.append(init("k", along(v.astype(dtype), k_axis, rank)))
+        nodes.append(helper.make_node(affine, [last, "k"], ["y"], name="aff"))
+        # a pure shift right after a MatMul with no bias is already minimal: it stays
+        folds = axis is not None and not (kind == "MatMul" and affine in ("Add", "Sub"))
+    model = make_model(nodes, inits, [("x", et, x_shape)], ["y"], out_type=et)
+    tol = (1e-5, 1e-4) if dtype == np.float32 else (1e-12, 1e-10)
+    result = fold_checked(model, *tol)
+    if folds:
+        head = ["MatMul", "Add"] if kind == "MatMul+Add" else [kind]
+        assert [f.pattern for f in result.report.folds] == ["+".join([*head, *[op for op, _ in steps], affine])]
+        left = ops(result.model)
+        bias_node = kind == "MatMul" and affine == "BatchNormalization"  # its shift: the BN becomes an Add
+        assert left[affine] == 0 or (affine == "Add" and kind == "MatMul+Add" and left["Add"] == 1)
+        assert left["Add"] == (1 if kind == "MatMul+Add" or bias_node else 0)
+    else:
+        assert result.report.folds == []
+
+
 def test_channel_oracle_sees_merges_and_splits() -> None:
     ids = np.broadcast_to(np.arange(4).reshape(1, 4, 1, 1), (2, 4, 3, 3))
     assert channel_axis(ids, 4) == 1
