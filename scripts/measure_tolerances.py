@@ -38,6 +38,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from bnfold import fold_model
 from bnfold.fold import affine as patterns
+from bnfold.fold.nodes import display_name
 from bnfold.verify.inputs import InputOptions, parse_input_shape
 from bnfold.verify.verifier import DEFAULT_TOLERANCES, Verifier, VerifyOptions
 
@@ -165,7 +166,7 @@ def corrupted(node_name: str, channel: int = 0, factor: float = 2.0):
 
     def wrong(self: patterns.Affine, c: int):
         s, t = original(self, c)
-        if (self.node.name or self.node.op_type) == node_name:
+        if display_name(self.node) == node_name:
             s = s.copy()
             s[channel % c] *= factor
         return s, t
