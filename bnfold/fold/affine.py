@@ -118,8 +118,10 @@ def data_rank(view: GraphView, name: str) -> int | None:
 
     Without shape information, follows the data input back through BNs and
     Mul/Add/Sub/Div by a constant (a constant of higher rank raises the rank)
-    to a Conv, ConvTranspose or Gemm.  Iterative, and memoized per view, so a
-    chain of n such ops costs O(n) in all, not O(n) per op.
+    to an op whose output rank its weights or attributes prove: Conv,
+    ConvTranspose, Gemm, Flatten, Reshape to a constant shape, Transpose with
+    perm.  Iterative, and memoized per view, so a chain of n such ops costs O(n)
+    in all, not O(n) per op.
     """
     memo = view.memo.setdefault("data_rank", {})
     chain: list[tuple[str, int]] = []  # (name, rank of the constant met on the way)
@@ -143,8 +145,15 @@ def data_rank(view: GraphView, name: str) -> int | None:
             w = view.static_shape(p.input[1]) if len(p.input) > 1 else None
             result = None if w is None else len(w)
             break
-        if p.op_type == "Gemm":
+        if p.op_type in ("Gemm", "Flatten"):
             result = 2
+            break
+        if p.op_type == "Reshape" and view.ctx.opset >= 5 and len(p.input) > 1:
+            shape = view.constant(p.input[1])  # the output rank is the length of the target shape
+            result = None if shape is None or shape.ndim != 1 else int(shape.shape[0])
+            break
+        if p.op_type == "Transpose" and attr(p, "perm") is not None:
+            result = len(attr(p, "perm"))
             break
         if p.op_type == "BatchNormalization" and p.input:
             chain.append((name, 0))
