@@ -43,7 +43,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from bnfold import fold_model
 from bnfold.errors import NotVerifiableError
-from bnfold.fold import rules as patterns
+from bnfold.fold import affine as patterns
+from bnfold.fold.nodes import display_name
 from bnfold.verify.inputs import InputOptions, parse_input_shape
 from bnfold.verify.tolerances import DEFAULT_TOLERANCES, eps
 from bnfold.verify.verifier import Verifier, VerifyOptions
@@ -174,7 +175,7 @@ def corrupted(node_name: str, channel: int = 0, factor: float = 1.5):
 
     def wrong(self: patterns.Affine, c: int):
         s, t = original(self, c)
-        if patterns.display_name(self.node) == node_name:
+        if display_name(self.node) == node_name:
             s = s.copy()
             s[channel % c] *= factor
         return s, t

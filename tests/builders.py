@@ -153,3 +153,22 @@ def count_ops(graph: onnx.GraphProto, op_type: str) -> int:
             for g in [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs):
                 total += count_ops(g, op_type)
     return total
+
+
+def corrupt_rule(monkeypatch, rule_name: str, spoil) -> None:
+    """Make the registered rule ``rule_name`` fold wrongly: ``spoil(site)`` edits its site before it matches.
+
+    The registry is a tuple, so the test swaps in a copy with one rule replaced.
+    """
+    import dataclasses
+
+    from bnfold.fold import rules
+
+    original = next(r for r in rules.REGISTRY if r.name == rule_name)
+
+    def wrong(view, site, slots):
+        spoil(site)
+        return original.match(view, site, slots)
+
+    bad = dataclasses.replace(original, match=wrong)
+    monkeypatch.setattr(rules, "REGISTRY", tuple(bad if r is original else r for r in rules.REGISTRY))

@@ -7,12 +7,12 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 import pytest
+from builders import corrupt_rule
 from onnx import TensorProto, helper
 from verify_builders import bn, bn_params, conv_chain, two_outputs, weight
 
 import bnfold
 from bnfold.fold import math as fold_math
-from bnfold.fold import rules as patterns
 from bnfold.fold.report import Reason
 from bnfold.verify.blame import find_culprits, fold_subset
 from bnfold.verify.foldcheck import verify_fold
@@ -25,15 +25,13 @@ def corrupt_bn(monkeypatch):
     """Make the fold of the named BNs wrong: one output channel's scale off by 50%."""
 
     def apply(*names: str) -> None:
-        original = patterns.PRODUCER_FOLDS["Conv"]
-
-        def wrong(view, aff, conv):
+        def spoil(site):
+            aff = site.aff
             if aff.node.name in names:
                 aff.s = np.array(aff.s, dtype=np.float64, copy=True)
                 aff.s[1] *= 1.5
-            return original(view, aff, conv)
 
-        monkeypatch.setitem(patterns.PRODUCER_FOLDS, "Conv", wrong)
+        corrupt_rule(monkeypatch, "Conv+BatchNormalization", spoil)
 
     return apply
 
@@ -108,13 +106,11 @@ def test_several_culprits(corrupt_bn) -> None:
 
 def test_culprit_in_one_of_several_outputs(monkeypatch) -> None:
     m = two_outputs()
-    original = patterns.PRODUCER_FOLDS["Gemm"]
 
-    def wrong(view, aff, gemm):
-        aff.t = np.asarray(aff.t, dtype=np.float64) + 1.0
-        return original(view, aff, gemm)
+    def spoil(site):
+        site.aff.t = np.asarray(site.aff.t, dtype=np.float64) + 1.0
 
-    monkeypatch.setitem(patterns.PRODUCER_FOLDS, "Gemm", wrong)
+    corrupt_rule(monkeypatch, "Gemm+BatchNormalization", spoil)
     fv = verify_fold(m, bnfold.fold_model(m))
     assert [r.name for r in fv.report.failing] == ["vector"]
     assert [(f.node, f.pattern) for f in fv.blame.culprits] == [("bn_vec", "Gemm+BatchNormalization")]

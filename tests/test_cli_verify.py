@@ -7,6 +7,7 @@ import os
 import numpy as np
 import onnx
 import pytest
+from builders import corrupt_rule
 from click.testing import CliRunner
 from helpers import run_cli
 from verify_builders import conv_chain, custom_op_model, int_bool_model, scale_channel
@@ -14,7 +15,6 @@ from verify_builders import conv_chain, custom_op_model, int_bool_model, scale_c
 import bnfold
 from bnfold.cli.commands import main
 from bnfold.errors import ExitCode
-from bnfold.fold import rules as patterns
 from bnfold.verify.verifier import load_io_file, verify_models
 
 
@@ -31,15 +31,13 @@ def save(m: onnx.ModelProto, path) -> str:
 
 @pytest.fixture
 def corrupt_bn1(monkeypatch) -> None:
-    original = patterns.PRODUCER_FOLDS["Conv"]
-
-    def wrong(view, aff, conv):
+    def spoil(site):
+        aff = site.aff
         if aff.node.name == "bn1":
             aff.s = np.array(aff.s, dtype=np.float64, copy=True)
             aff.s[0] *= 2.0
-        return original(view, aff, conv)
 
-    monkeypatch.setitem(patterns.PRODUCER_FOLDS, "Conv", wrong)
+    corrupt_rule(monkeypatch, "Conv+BatchNormalization", spoil)
 
 
 @pytest.fixture

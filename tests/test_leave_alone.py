@@ -108,7 +108,7 @@ def test_spatial_0_is_left_and_never_crashes(opset: int, param_shape: tuple) -> 
     rng = np.random.default_rng(0)
     params = [rng.uniform(0.5, 1.5, param_shape).astype(np.float32) for _ in range(4)]
     net.output(net.bn(y, 4, params=params, spatial=0), np.float32)
-    left_alone(net.build(), Reason.SPATIAL)
+    left_alone(net.build(), Reason.SPATIAL_0)
 
 
 # ---- non-constant parameters and weights --------------------------------------
@@ -122,7 +122,7 @@ def test_bn_parameter_from_graph_input(which: int) -> None:
     bn.input[which] = net.input("p_in", np.float32, [4])
     net.inits = [t for t in net.inits if t.name != f"bn_{('', 'scale', 'bias', 'mean', 'var')[which]}"]
     net.output(z, np.float32)
-    left_alone(net.build(), Reason.NON_CONSTANT_PARAMS)
+    left_alone(net.build(), Reason.NON_CONSTANT_PARAMETERS)
 
 
 @pytest.mark.parametrize("index", [1, 2])
@@ -149,7 +149,7 @@ def _listed_initializer_model(which: str) -> onnx.ModelProto:
 
 
 @pytest.mark.parametrize(
-    "which,reason", [("param", Reason.NON_CONSTANT_PARAMS), ("weight", Reason.NON_CONSTANT_WEIGHT)]
+    "which,reason", [("param", Reason.NON_CONSTANT_PARAMETERS), ("weight", Reason.NON_CONSTANT_WEIGHT)]
 )
 def test_ir4_initializer_listed_as_input_is_not_constant(which: str, reason: Reason) -> None:
     left_alone(_listed_initializer_model(which), reason)
@@ -168,14 +168,14 @@ def test_producer_output_has_another_consumer() -> None:
     net, y = conv_net()
     net.output(net.bn(y, 4), np.float32)
     net.output(net.node("Relu", [y]), np.float32)
-    left_alone(net.build(), Reason.OUTPUT_SHARED)
+    left_alone(net.build(), Reason.PRODUCER_OUTPUT_SHARED)
 
 
 def test_producer_output_is_graph_output() -> None:
     net, y = conv_net()
     net.output(net.bn(y, 4), np.float32)
     net.output(y, np.float32)
-    left_alone(net.build(), Reason.GRAPH_OUTPUT)
+    left_alone(net.build(), Reason.PRODUCER_OUTPUT_IS_GRAPH_OUTPUT)
 
 
 # ---- shapes -------------------------------------------------------------------
@@ -310,7 +310,7 @@ def test_chain_stops_where_an_intermediate_bn_output_is_a_graph_output() -> None
     net.output(net.bn(first, 4, name="bn_b"), np.float32)
     net.output(first, np.float32)
     result = fold_and_check(net.build(), folded=1, left=1)
-    assert [(s.node, s.reason) for s in result.report.skips] == [("bn_b", Reason.GRAPH_OUTPUT)]
+    assert [(s.node, s.reason) for s in result.report.skips] == [("bn_b", Reason.PRODUCER_OUTPUT_IS_GRAPH_OUTPUT)]
     assert [n.op_type for n in result.model.graph.node] == ["Conv", "BatchNormalization"]
 
 

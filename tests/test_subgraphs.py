@@ -252,7 +252,7 @@ def test_outer_bn_whose_conv_output_is_read_in_a_branch_is_left() -> None:
     net.output("y", np.float32, Y_SHAPE)
     model = net.build()
     result = fold_and_check(model, folded=0, left=1, feeds=feeds(True))
-    assert result.report.skips[0].reason == Reason.OUTPUT_SHARED
+    assert result.report.skips[0].reason == Reason.PRODUCER_OUTPUT_SHARED
 
 
 def test_ir3_if_branches_reading_outer_listed_initializers() -> None:
@@ -313,3 +313,47 @@ def test_ir3_loop_body_keeps_its_formal_inputs() -> None:
     assert [i.name for i in body.input] == ["i", "c_in", "v_in"]
     assert "BatchNormalization" not in [n.op_type for n in body.node]
     assert [n.op_type for n in body.node].count("Constant") == 2  # the folded weight and the new bias
+
+
+@pytest.mark.parametrize("ir", [3, 8])
+@pytest.mark.parametrize("fold", [True, False])
+def test_bn_before_matmul_in_a_branch(ir: int, fold: bool) -> None:
+    """A forward fold inside an If branch adds its new Add after the MatMul, in the branch (IR 3: its bias a Constant).
+
+    With ``fold`` False the BN runs over [1, 3, 5, 5] and its channel is no contracted axis: a trap.
+    """
+    w = to_tensor(_w((5, 4)), "mw")
+    c = 5 if fold else 3
+    then_nodes = [helper.make_node("Reshape", ["x", "rows"], ["xr"], name="rows")] if fold else []
+    then_nodes += [
+        helper.make_node(
+            "BatchNormalization", ["xr" if fold else "x", *[f"tbn_{k}" for k in "gbmv"]], ["tb"], name="then_bn"
+        ),
+        helper.make_node("MatMul", ["tb", "mw"], ["t_out"], name="then_mm"),
+    ]
+    shape = [15, 4] if fold else [1, 3, 5, 4]
+    then_g = helper.make_graph(then_nodes, "then", [], [helper.make_tensor_value_info("t_out", F, shape)])
+    else_nodes = [helper.make_node("Reshape", ["x", "rows"], ["er"], name="erows")] if fold else []
+    else_nodes.append(helper.make_node("MatMul", ["er" if fold else "x", "mw"], ["e_out"], name="else_mm"))
+    else_g = helper.make_graph(else_nodes, "else", [], [helper.make_tensor_value_info("e_out", F, shape)])
+    outer = [w, to_tensor(np.array([15, 5], np.int64), "rows"), *_bn_inits("tbn", c)]
+    nodes = [helper.make_node("If", ["cond"], ["y"], name="if", then_branch=then_g, else_branch=else_g)]
+    inputs = [
+        helper.make_tensor_value_info("x", F, X_SHAPE),
+        helper.make_tensor_value_info("cond", TensorProto.BOOL, []),
+    ]
+    if ir < 4:
+        inputs += [helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in outer]
+    g = helper.make_graph(nodes, "main", inputs, [helper.make_tensor_value_info("y", F, shape)], outer)
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 9 if ir < 4 else 17)], ir_version=ir)
+    if not fold:
+        result = fold_and_check(model, folded=0, left=1, feeds=feeds(True))
+        assert [s.reason for s in result.report.skips] == [Reason.CHANNEL_IS_BATCH_AXIS]
+        return
+    for cond in (True, False):
+        result = fold_and_check(model, folded=1, feeds=feeds(cond))
+    branch = next(a.g for a in result.model.graph.node[0].attribute if a.name == "then_branch")
+    ops = [n.op_type for n in branch.node]
+    # IR 3: the branch's private copy of the outer weight and its new bias are Constant nodes
+    assert ops == (["Reshape", "MatMul", "Add"] if ir >= 4 else ["Constant", "Constant", "Reshape", "MatMul", "Add"])
+    assert branch.node[-1].output[0] == "t_out"

@@ -490,3 +490,20 @@ def verify(
     options = verify_options_from(verify_kw)
     outcomes = _run(verify_job, [(reference, candidate, options, debug, tuple(sides))], 1, out)
     finish("verify", outcomes, started, out)
+
+
+@main.command(epilog=_epilog("  bnfold patterns\n  bnfold patterns --json"))
+@click.option("--json", "as_json", is_flag=True, help="Print the registry as one JSON document.")
+def patterns(as_json: bool) -> None:
+    """List the fold patterns bnfold knows: name, side, the ops it folds, the layout ops it looks through."""
+    import json
+
+    from bnfold.fold.rules import REGISTRY
+
+    if as_json:
+        click.echo(json.dumps({"patterns": [r.to_dict() for r in REGISTRY]}, indent=2))
+        return
+    for r in REGISTRY:
+        through = f"; through {', '.join(r.through)}" if r.through else ""
+        click.echo(f"{r.name}  (into the {r.side.value}; folds {', '.join(r.affine)}{through})")
+        click.echo(f"    {r.summary}")

@@ -62,6 +62,13 @@ REASON_WORDS = {
     "not_per_channel": "the constant is not per-channel",
     "output_shared": "its output has another consumer or is a graph output",
     "excluded": "left out on request",
+    "constant_too_large": "a constant it needs is too large to evaluate (over 2**24 elements)",
+    "unknown_shape": "a shape on the way is unknown",
+    "intermediate_shared": "a tensor between it and the op to fold into has another reader",
+    "channel_axis_moved": "a layout op moves the channels to another axis than the constant's",
+    "channel_axis_lost": "a layout op drops or merges the channel axis",
+    "channel_is_batch_axis": "its channel is a batch axis of the op that reads it",
+    "shift_before_conv_transpose": "a shift before a ConvTranspose is not exact at the borders",
 }
 
 PHASE_WORDS = {

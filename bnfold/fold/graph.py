@@ -11,7 +11,7 @@ import sys
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import onnx
@@ -43,14 +43,23 @@ def subgraphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
             yield from a.graphs
 
 
+def graph_and_nested(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    """``graph`` and every graph nested in its nodes, at any depth (iterative)."""
+    stack = [graph]
+    while stack:
+        g = stack.pop()
+        yield g
+        for n in g.node:
+            stack.extend(subgraphs(n))
+
+
 def graph_reads(graph: onnx.GraphProto) -> set[str]:
     """Every tensor name a graph (and its nested graphs) reads, including outer-scope names."""
     names: set[str] = set()
-    for n in graph.node:
-        names.update(i for i in n.input if i)
-        for g in subgraphs(n):
-            names |= graph_reads(g)
-    names.update(o.name for o in graph.output)
+    for g in graph_and_nested(graph):
+        for n in g.node:
+            names.update(i for i in n.input if i)
+        names.update(o.name for o in g.output)
     return names
 
 
@@ -102,10 +111,13 @@ class GraphView:
         self.initializers = {t.name: t for t in graph.initializer}
         self.inputs = {i.name for i in graph.input}
         self.outputs = {o.name for o in graph.output}
-        self._cache: dict[str, object] = {}
+        self._cache: dict[str, np.ndarray | None] = {}
         # Tensors left non-constant because evaluating them would pass the size bound: why.
         self.oversized: dict[str, str] = {}
+        # Per-view memo tables of derived facts (ranks along chains, ...), by kind.
+        self.memo: dict[str, dict] = {}
         self.removed: set[int] = set()
+        self.inserted: dict[int, list[int]] = {}  # position -> positions of nodes inserted after it
         self.new_initializers: list[onnx.TensorProto] = []
         self.dropped_initializers: set[str] = set()
         self.disconnected: set[str] = set()
@@ -150,9 +162,37 @@ class GraphView:
     def is_graph_output(self, name: str) -> bool:
         return name in self.outputs
 
-    def only_consumer(self, name: str, node: onnx.NodeProto) -> bool:
-        """True when ``node`` is the single reader of ``name`` and ``name`` is no graph output."""
-        return not self.is_graph_output(name) and [id(u) for u in self.users(name)] == [id(node)]
+    def only_consumer(self, name: str, node: onnx.NodeProto, shape_readers: bool = False) -> bool:
+        """True when ``node`` is the single reader of ``name`` and ``name`` is no graph output.
+
+        With ``shape_readers``, Shape and Size nodes do not count as readers: they see
+        only the shape, which a fold that keeps the tensor keeps too (torch exports
+        read ``Shape`` of a MatMul output to reshape tokens back).  Stops at the
+        first other reader.
+        """
+        if self.is_graph_output(name):
+            return False
+        found = False
+        for n in self.consumers.get(name, ()):
+            if self.position[id(n)] in self.removed:
+                continue
+            if shape_readers and n.op_type in ("Shape", "Size") and n.domain in ("", "ai.onnx"):
+                continue
+            if n is not node:
+                return False
+            found = True
+        return found
+
+    def sole_user(self, name: str) -> onnx.NodeProto | None:
+        """The one live node reading ``name`` (None when none or several), stopping at the second."""
+        one: onnx.NodeProto | None = None
+        for n in self.consumers.get(name, ()):
+            if self.position[id(n)] in self.removed or n is one:
+                continue
+            if one is not None:
+                return None
+            one = n
+        return one
 
     def producer_of(self, name: str) -> onnx.NodeProto | None:
         n = self.producer.get(name)
@@ -166,7 +206,11 @@ class GraphView:
         return name in self.inputs and self.ctx.ir_version >= 4 and not self.ctx.freeze_initializer_inputs
 
     def constant(self, name: str) -> np.ndarray | None:
-        """Value of ``name`` when it is a constant (initializer, Constant, constant subgraph)."""
+        """Value of ``name`` when it is a constant (initializer, Constant, constant subgraph).
+
+        Evaluates the inputs first with an explicit stack, never by recursion: a
+        chain of thousands of Identity nodes making a BN parameter is fine.
+        """
         if not name:
             return None
         hit = self._cache.get(name, _MISSING)
@@ -194,6 +238,10 @@ class GraphView:
             # With a cycle (an invalid graph) the input still pending reads as no constant.
             self._cache[top] = None if pending is not None else self._compute_constant(top)
         return self._cache[name]  # type: ignore[return-value]
+
+    def too_large(self, name: str) -> str | None:
+        """Why ``name`` is no constant when only the evaluation size bound stopped it, else None."""
+        return self.oversized.get(name)
 
     def _value_inputs(self, name: str) -> list[str]:
         """Names of this graph whose constant values :meth:`_compute_constant` reads for ``name``."""
@@ -232,6 +280,7 @@ class GraphView:
             if not i:
                 values.append(None)
                 continue
+            v: np.ndarray | None
             if node.op_type in constants.SHAPE_ONLY and k == 0:
                 shape = self.static_shape(i)
                 # A zero-strided stand-in: only the shape is read, nothing is allocated.
@@ -272,12 +321,20 @@ class GraphView:
         return None
 
     def rank(self, name: str) -> int | None:
-        """Rank of a tensor from shape inference, or None."""
+        """Rank of a tensor from shape inference (never from declared value_info), or None."""
         tp = self.ctx.value_types.get(name)
         if tp is not None and tp.HasField("tensor_type") and tp.tensor_type.HasField("shape"):
             return len(tp.tensor_type.shape.dim)
         c = self.constant(name) if name in self.initializers or name in self.producer else None
         return None if c is None else c.ndim
+
+    def dims(self, name: str) -> list[int | None] | None:
+        """Dims of a tensor (None for each unknown one) when its rank is known, else None."""
+        tp = self.ctx.value_types.get(name)
+        if tp is not None and tp.HasField("tensor_type") and tp.tensor_type.HasField("shape"):
+            return [d.dim_value if d.HasField("dim_value") else None for d in tp.tensor_type.shape.dim]
+        shape = self.static_shape(name) if name in self.initializers or name in self.producer else None
+        return None if shape is None else list(shape)
 
     def tensor_dtype(self, name: str) -> int | None:
         """ONNX element type of a tensor when known."""
@@ -290,6 +347,18 @@ class GraphView:
         return None
 
     # ---- edits -----------------------------------------------------------
+    def insert_after(self, anchor: onnx.NodeProto, node: onnx.NodeProto) -> None:
+        """Queue a new ``node`` right after ``anchor`` (it produces and reads from now on)."""
+        self.nodes.append(node)
+        k = len(self.nodes) - 1
+        self.position[id(node)] = k
+        self.inserted.setdefault(self.position[id(anchor)], []).append(k)
+        for o in node.output:
+            if o:
+                self.producer[o] = node
+                self._cache.pop(o, None)
+        self._add_uses(node)
+
     def remove(self, node: onnx.NodeProto) -> None:
         """Queue ``node`` for removal; its inputs may become dead."""
         self.removed.add(self.position[id(node)])
@@ -375,8 +444,8 @@ class GraphView:
         """Apply queued edits to the graph and drop constants nothing reads any more."""
         self._remove_dead_constants()
         self._drop_value_info()
-        for i in sorted(self.removed, reverse=True):
-            del self.graph.node[i]
+        if self.removed or self.inserted:
+            self._reorder_nodes()
         if self.ctx.ir_version < 4 and self.outer is not None:
             # IR < 4 lists initializers among the graph inputs, but a nested graph's
             # inputs are its formal parameters (Loop/Scan state): use Constant nodes.
@@ -389,6 +458,30 @@ class GraphView:
             for t in self.new_initializers:
                 self.graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, t.dims))
         self._drop_initializers()
+
+    def _reorder_nodes(self) -> None:
+        """Apply queued removals and insertions to ``graph.node`` in one sort (no node is copied but the new)."""
+        n_original = len(self.graph.node)
+        order: list[int] = []
+        pending = list(range(n_original - 1, -1, -1))
+        while pending:
+            i = pending.pop()
+            order.append(i)
+            pending.extend(reversed(self.inserted.get(i, [])))
+        rank: dict[int, int] = {}
+        added: list[onnx.NodeProto] = []  # held, so their ids stay theirs while sorting
+        gone = len(order) + 1
+        for k, i in enumerate(order):
+            if i >= n_original:
+                new = self.graph.node.add()
+                new.CopyFrom(self.nodes[i])
+                added.append(new)
+                rank[id(new)] = gone if i in self.removed else k
+            else:
+                rank[id(self.nodes[i])] = gone if i in self.removed else k
+        live = sum(1 for r in rank.values() if r != gone)
+        self.graph.node.sort(key=lambda n: rank[id(n)])
+        del self.graph.node[live:]
 
     def _remove_dead_constants(self) -> None:
         """Remove Constant/constant-subgraph nodes and initializers that folds disconnected."""
@@ -414,17 +507,11 @@ class GraphView:
         drop = self.dropped_initializers
         if not drop:
             return
-        for i in range(len(self.graph.initializer) - 1, -1, -1):
-            if self.graph.initializer[i].name in drop:
-                del self.graph.initializer[i]
+        _keep_only(self.graph.initializer, drop)
         # An initializer listed as a graph input goes with its input entry
         # (nothing reads it; leaving the input would make it a required feed).
-        for i in range(len(self.graph.input) - 1, -1, -1):
-            if self.graph.input[i].name in drop:
-                del self.graph.input[i]
-        for i in range(len(self.graph.value_info) - 1, -1, -1):
-            if self.graph.value_info[i].name in drop:
-                del self.graph.value_info[i]
+        _keep_only(self.graph.input, drop)
+        _keep_only(self.graph.value_info, drop)
 
     def _drop_value_info(self) -> None:
         gone = self.vanished
@@ -434,9 +521,20 @@ class GraphView:
         live = {o for n in self.live_nodes() for o in n.output}
         gone -= live
         if gone:
-            for i in range(len(self.graph.value_info) - 1, -1, -1):
-                if self.graph.value_info[i].name in gone:
-                    del self.graph.value_info[i]
+            _keep_only(self.graph.value_info, gone)
+
+
+def _keep_only(field: Any, drop: set[str]) -> None:
+    """Remove the entries named in ``drop`` from a repeated proto field.
+
+    A stable sort moves them to the end, then one slice goes: O(n log n), where
+    deleting entries one by one is O(n) each, and no entry is copied.
+    """
+    kept = sum(1 for e in field if e.name not in drop)
+    if kept == len(field):
+        return
+    field.sort(key=lambda e: e.name in drop)
+    del field[kept:]
 
 
 def set_tensor_value(t: onnx.TensorProto, value: np.ndarray, name: str, sink: ValueSink | None = None) -> None:
@@ -517,6 +615,10 @@ def infer_value_types(model: onnx.ModelProto, max_inline: int = 1024) -> dict[st
 
     Runs on a skeleton of the model (large initializers replaced by typed graph
     inputs), so it works on models of any size without copying their weights.
+    The skeleton keeps the graph inputs (the contract onnxruntime checks feeds
+    against) but not the model's value_info nor the shapes declared for its
+    outputs: those are claims a fold must not trust (a value_info that lies about
+    a rank would turn a per-W constant into a "per-channel" one).
     Returns an empty dict when inference fails.
     """
     skeleton = onnx.ModelProto(ir_version=model.ir_version)
@@ -527,7 +629,9 @@ def infer_value_types(model: onnx.ModelProto, max_inline: int = 1024) -> dict[st
     g.node.extend(src.node)
     g.input.extend(src.input)
     g.output.extend(src.output)
-    g.value_info.extend(src.value_info)
+    for o in g.output:
+        if o.type.HasField("tensor_type"):
+            o.type.tensor_type.ClearField("shape")
     listed = {i.name for i in src.input}
     for t in src.initializer:
         small = t.data_location != onnx.TensorProto.EXTERNAL and math.prod(t.dims) <= max_inline
@@ -540,26 +644,20 @@ def infer_value_types(model: onnx.ModelProto, max_inline: int = 1024) -> dict[st
     except Exception:  # noqa: BLE001 - inference is best effort; ranks then come from weights
         return {}
     types: dict[str, onnx.TypeProto] = {}
-
-    def collect(graph: onnx.GraphProto) -> None:
+    for graph in graph_and_nested(inferred.graph):
         for v in (*graph.input, *graph.output, *graph.value_info):
             types.setdefault(v.name, v.type)
-        for n in graph.node:
-            for sg in subgraphs(n):
-                collect(sg)
-
-    collect(inferred.graph)
     return types
 
 
 def all_names(graph: onnx.GraphProto) -> set[str]:
     """Every tensor and node name in a graph and its nested graphs."""
-    names = {t.name for t in graph.initializer}
-    names.update(v.name for v in (*graph.input, *graph.output, *graph.value_info))
-    for n in graph.node:
-        names.update(n.input)
-        names.update(n.output)
-        names.add(n.name)
-        for g in subgraphs(n):
-            names |= all_names(g)
+    names: set[str] = set()
+    for g in graph_and_nested(graph):
+        names.update(t.name for t in g.initializer)
+        names.update(v.name for v in (*g.input, *g.output, *g.value_info))
+        for n in g.node:
+            names.update(n.input)
+            names.update(n.output)
+            names.add(n.name)
     return names

@@ -239,3 +239,66 @@ def round_to(x: np.ndarray, dtype: np.dtype, what: str = "value") -> np.ndarray:
             f"folded {what} reaches {biggest:.3g}, beyond the {np.dtype(dtype).name} maximum {limit:.3g}",
         )
     return out
+
+
+# ---------------------------------------------------------------------------
+# Folds forward into the consumer, and channel bookkeeping for them
+# ---------------------------------------------------------------------------
+
+
+def expand_channels(v: np.ndarray, inner: int) -> np.ndarray:
+    """Per-channel ``v[C]`` as one value per contracted index: index ``k`` reads channel ``k // inner``.
+
+    Flatten of NCHW before a Linear layer makes ``inner = H*W`` (row ``k`` of the
+    weight reads channel ``k // (H*W)``).
+    """
+    return np.repeat(np.asarray(v, dtype=F64), inner)
+
+
+def fold_scale_into_next_conv_transpose(
+    w: np.ndarray, s: np.ndarray, weight_dtype: np.dtype | None = None
+) -> np.ndarray:
+    """A pure scale *before* a ConvTranspose ``W[Cin, Cout/g, k...]``: ``W'[i] = s[i] * W[i]``.
+
+    Exact with any padding, stride or group (each weight slot reads one input
+    channel ``i``); a shift is not, since border outputs sum fewer taps.
+    """
+    return _scaled_rows(w, np.asarray(s, dtype=F64), weight_dtype)
+
+
+def fold_into_next_matmul(
+    w: np.ndarray, s: np.ndarray, t: np.ndarray, weight_dtype: np.dtype | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(s*x + t) @ W[K, N] == x @ (diag(s) W) + t @ W``: the new weight and the shift ``t @ W`` ``[N]``.
+
+    ``s`` and ``t`` are ``[K]`` (see :func:`expand_channels`).
+    """
+    s, t = np.asarray(s, dtype=F64), np.asarray(t, dtype=F64)
+    shift = t @ np.asarray(w, dtype=F64) if np.any(t != 0) else np.zeros(np.shape(w)[1], dtype=F64)
+    return _scaled_rows(w, s, weight_dtype), shift
+
+
+def fold_into_next_gemm(
+    b_mat: np.ndarray,
+    c: np.ndarray | None,
+    s: np.ndarray,
+    t: np.ndarray,
+    trans_b: bool,
+    alpha: float,
+    beta: float,
+    weight_dtype: np.dtype | None = None,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Affine ``s*A + t`` along K before ``Gemm(A, B, C)``: scale row ``k`` of ``op(B)`` by ``s[k]``.
+
+    The shift moves into ``C' = beta*C + alpha * t @ op(B)``.
+
+    The returned ``C`` goes with ``beta = 1`` (None: no ``C`` and no shift).
+    """
+    s, t = np.asarray(s, dtype=F64), np.asarray(t, dtype=F64)
+    b_new = _scaled(b_mat, s[None, :], weight_dtype) if trans_b else _scaled_rows(b_mat, s, weight_dtype)
+    op_b = np.asarray(b_mat, dtype=F64)
+    shift = F64(alpha) * (t @ (op_b.T if trans_b else op_b)) if np.any(t != 0) else None
+    if c is None:
+        return b_new, shift
+    c64 = F64(beta) * np.asarray(c, dtype=F64)
+    return b_new, c64 if shift is None else c64 + shift

@@ -7,49 +7,60 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from enum import Enum
+from typing import Any
 
 
 class Reason(str, Enum):
-    """Why a BatchNormalization was left alone (stable codes, used in JSON and tests)."""
+    """Why an affine node was left alone (stable codes, used in JSON and tests).
+
+    Every member's name is its value in capitals.
+    """
 
     TRAINING_MODE = "training_mode"
-    SPATIAL = "spatial_0"
-    NON_CONSTANT_PARAMS = "non_constant_parameters"
-    INVALID_PARAMS = "invalid_parameters"
+    SPATIAL_0 = "spatial_0"
+    NON_CONSTANT_PARAMETERS = "non_constant_parameters"
+    INVALID_PARAMETERS = "invalid_parameters"
     NON_CONSTANT_WEIGHT = "non_constant_weight"
-    OUTPUT_SHARED = "producer_output_shared"
-    GRAPH_OUTPUT = "producer_output_is_graph_output"
+    PRODUCER_OUTPUT_SHARED = "producer_output_shared"
+    PRODUCER_OUTPUT_IS_GRAPH_OUTPUT = "producer_output_is_graph_output"
     SHAPE_MISMATCH = "shape_mismatch"
     UNKNOWN_RANK = "unknown_rank"
+    UNKNOWN_SHAPE = "unknown_shape"
     NON_FINITE = "non_finite"
     DTYPE_OVERFLOW = "dtype_overflow"
     UNSUPPORTED_PRODUCER = "unsupported_producer"
     PADDED_CONSUMER = "padded_consumer"
     NOT_PER_CHANNEL = "not_per_channel"
-    OUTPUT_SHARED_AFTER = "output_shared"
+    OUTPUT_SHARED = "output_shared"
+    INTERMEDIATE_SHARED = "intermediate_shared"
+    CHANNEL_AXIS_MOVED = "channel_axis_moved"
+    CHANNEL_AXIS_LOST = "channel_axis_lost"
+    CHANNEL_IS_BATCH_AXIS = "channel_is_batch_axis"
+    SHIFT_BEFORE_CONV_TRANSPOSE = "shift_before_conv_transpose"
     EXCLUDED = "excluded"
     CONSTANT_TOO_LARGE = "constant_too_large"
 
 
-REASON_TEXT: dict[Reason, str] = {
-    Reason.TRAINING_MODE: "the BN runs in training mode",
-    Reason.SPATIAL: "spatial=0: statistics are per activation, not per channel",
-    Reason.NON_CONSTANT_PARAMS: "a BN parameter is not a constant",
-    Reason.INVALID_PARAMS: "the BN parameters are invalid",
-    Reason.NON_CONSTANT_WEIGHT: "the weight or bias it would fold into is not a constant",
-    Reason.OUTPUT_SHARED: "the producer's output has another consumer",
-    Reason.GRAPH_OUTPUT: "the producer's output is a graph output",
-    Reason.SHAPE_MISMATCH: "shapes do not line up",
-    Reason.UNKNOWN_RANK: "the rank of the tensor is unknown",
-    Reason.NON_FINITE: "the folded values would not be finite",
-    Reason.DTYPE_OVERFLOW: "the folded values would overflow the weight dtype",
-    Reason.UNSUPPORTED_PRODUCER: "nothing next to it can absorb it",
-    Reason.PADDED_CONSUMER: "the following Conv pads its input (padded zeros are not normalized)",
-    Reason.NOT_PER_CHANNEL: "the constant is not per-channel",
-    Reason.OUTPUT_SHARED_AFTER: "its output has another consumer or is a graph output (the next Conv cannot absorb it)",
-    Reason.EXCLUDED: "left out on request (--keep-safe: its fold failed verification)",
-    Reason.CONSTANT_TOO_LARGE: "a constant it needs is too large to evaluate (bound: 2**24 elements)",
-}
+def reject_if_too_large(view: Any, name: str) -> None:
+    """Raise ``constant_too_large`` when ``name`` is no constant only because of the size bound."""
+    why = view.too_large(name)
+    if why is not None:
+        raise Rejected(Reason.CONSTANT_TOO_LARGE, f"'{name}' is not evaluated as a constant: {why}")
+
+
+class Rejected(Exception):
+    """A fold does not apply: a reason code and a sentence.
+
+    Rules return it from ``match``; the readers of affine nodes raise it.
+    """
+
+    def __init__(self, reason: Reason, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+    def __repr__(self) -> str:
+        return f"Rejected({self.reason.value!r}, {self.message!r})"
 
 
 @dataclass(frozen=True)

@@ -1,544 +1,406 @@
-"""Fold patterns: each reads an affine node and its neighbour, then rewrites the graph.
+"""The fold rules, as data, and their one registry.
 
-An *affine node* is a BatchNormalization in inference mode, or a Mul, Add, Sub
-or Div by a per-channel constant (frozen BN exported as arithmetic).  Each
-pattern is one function ``(view, affine, neighbour) -> pattern name`` that
-either rewrites the graph or raises :class:`Rejected` with a reason code, and
-one line in :data:`PRODUCER_FOLDS` or :data:`CONSUMER_FOLDS`.  The weight math
-lives in :mod:`bnfold.fold.math`.
+A :class:`Rule` says what it folds into (its ``target`` op and ``side``), which
+affine ops it absorbs, which layout ops may sit in between, a pure ``match``
+that reads the graph and returns a :class:`Plan` (or raises
+:class:`~bnfold.fold.report.Rejected`), and an ``apply`` that edits the graph.
+The engine (:mod:`bnfold.fold.engine`) owns everything else: that the tensors
+on the way are private, the rounding of every weight slot (once per chain, see
+:mod:`bnfold.fold.slots`), and the commit.  A new pattern is one rule, one math
+function in :mod:`bnfold.fold.math` and one line in :data:`REGISTRY`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
 
 import numpy as np
 import onnx
 from onnx import helper
 
-from bnfold.fold import consteval
 from bnfold.fold import math as fm
+from bnfold.fold.affine import AFFINE_OPS, ARITH_OPS, Affine, channel_dim, data_rank, read_bn
+from bnfold.fold.channels import LAYOUT_OPS, Pos, follow_path
 from bnfold.fold.graph import GraphView
-from bnfold.fold.report import Reason
+from bnfold.fold.nodes import attr, display_name, is_standard, set_attr
+from bnfold.fold.report import Reason, Rejected
+from bnfold.fold.slots import SlotReader, Write, rounded
 
-AFFINE_OPS = ("BatchNormalization", "Mul", "Add", "Sub", "Div")
+
+class Side(str, Enum):
+    """Where the affine op goes: into the op that makes its input, or into the op that reads its output."""
+
+    PRODUCER = "producer"
+    CONSUMER = "consumer"
 
 
-class Rejected(Exception):
-    """A pattern does not apply; carries the reason code and a sentence."""
+@dataclass(frozen=True)
+class Site:
+    """Where a rule may apply: the affine op, the op to fold into, and the layout ops between them."""
 
-    def __init__(self, reason: Reason, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
-        self.message = message
+    aff: Affine
+    target: onnx.NodeProto
+    path: tuple[onnx.NodeProto, ...] = ()
 
 
 @dataclass
-class Affine:
-    """``y = s * x + t`` per channel on axis 1 of ``data``; ``s``/``t`` are ``[C]`` or scalars."""
+class Plan:
+    """What a matched rule will do: slot writes (rounded and stored by the engine), and data for ``apply``.
 
-    node: onnx.NodeProto
-    data: str
-    s: np.ndarray
-    t: np.ndarray
+    ``private`` names further tensors that must be read by the next node only
+    (the engine checks them, as it checks the tensors on the path).
+    """
 
-    @property
-    def channels(self) -> int | None:
-        return self.s.shape[0] if self.s.ndim else (self.t.shape[0] if self.t.ndim else None)
-
-    def per_channel(self, c: int) -> tuple[np.ndarray, np.ndarray]:
-        """``(s, t)`` as float64 ``[c]`` vectors, or Rejected when the channel counts differ."""
-        n = self.channels
-        if n is not None and n != c:
-            raise Rejected(Reason.SHAPE_MISMATCH, f"{n} channels against {c} in the target")
-        return np.broadcast_to(self.s, (c,)).astype(np.float64), np.broadcast_to(self.t, (c,)).astype(np.float64)
-
-    @property
-    def is_bn(self) -> bool:
-        return self.node.op_type == "BatchNormalization"
+    writes: list[Write]
+    private: tuple[str, ...] = ()
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
-def attr(node: onnx.NodeProto, name: str, default=None):
-    """Attribute value of ``node`` or ``default``."""
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
+Match = Callable[[GraphView, Site, SlotReader], Plan]
+Apply = Callable[[GraphView, Site, Plan], None]
+Claim = Callable[[GraphView, Site], None]
 
 
-def set_attr(node: onnx.NodeProto, name: str, value) -> None:
-    """Set (or add) an attribute, keeping the others in place."""
-    for a in node.attribute:
-        if a.name == name:
-            a.CopyFrom(helper.make_attribute(name, value))
-            return
-    node.attribute.append(helper.make_attribute(name, value))
+@dataclass(frozen=True)
+class Rule:
+    """One fold pattern.
 
+    ``name`` is the pattern with a BN (the one documented); the name of each
+    fold done shows its actual path (:meth:`pattern`), e.g. ``Conv+Squeeze+Mul``.
+    ``claim`` (optional) checks, before anything else, that the neighbour is a
+    fold target of this rule at all (raises Rejected when it is not).
+    """
 
-def display_name(node: onnx.NodeProto) -> str:
-    """A node's name, or ``op(output)`` for unnamed nodes."""
-    return node.name or f"{node.op_type}({node.output[0] if node.output else '?'})"
+    name: str
+    side: Side
+    target: str
+    affine: tuple[str, ...]
+    through: tuple[str, ...]
+    summary: str
+    match: Match
+    apply: Apply
+    head: tuple[str, ...] = ()
+    claim: Claim | None = None
+
+    def claims(self, view: GraphView, site: Site) -> Rejected | None:
+        """None when the neighbour at ``site`` is this rule's kind of target (cheap, structural)."""
+        if any(p.op_type not in self.through for p in site.path):
+            ops = "+".join(p.op_type for p in site.path)
+            return Rejected(Reason.UNSUPPORTED_PRODUCER, f"{self.target} is not folded through {ops}")
+        if self.claim is not None:
+            try:
+                self.claim(view, site)
+            except Rejected as r:
+                return r
+        return None
+
+    def check(self, view: GraphView, site: Site, slots: SlotReader) -> Plan | Rejected:
+        """The plan, or why the rule does not apply (``match`` changes nothing)."""
+        claimed = self.claims(view, site)
+        if claimed is not None:
+            return claimed
+        try:
+            return self.match(view, site, slots)
+        except Rejected as r:
+            return r
+
+    def pattern(self, site: Site) -> str:
+        """The name of this fold at ``site``: the ops in data-flow order."""
+        middle = [p.op_type for p in site.path]
+        if self.side is Side.PRODUCER:
+            return "+".join([*self.head, site.target.op_type, *middle, site.aff.node.op_type])
+        return "+".join([site.aff.node.op_type, *middle, site.target.op_type])
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready description (``bnfold patterns --json``)."""
+        return {
+            "name": self.name,
+            "side": self.side.value,
+            "target": self.target,
+            "affine": list(self.affine),
+            "through": list(self.through),
+            "summary": self.summary,
+        }
 
 
 # ---------------------------------------------------------------------------
-# Reading affine nodes
+# Shared checks
 # ---------------------------------------------------------------------------
 
 
-def read_bn(view: GraphView, node: onnx.NodeProto) -> Affine:
-    """The ``(s, t)`` of an inference-mode BatchNormalization, or Rejected."""
-    opset = view.ctx.opset
-    if attr(node, "training_mode", 0) or (opset < 7 and not attr(node, "is_test", 0)):
-        raise Rejected(Reason.TRAINING_MODE, "training mode is set")
-    if 7 <= opset < 14 and any(node.output[1:]):
-        # BatchNormalization-7/9 run in training mode (batch statistics) whenever
-        # they have the mean/var outputs, whether or not anything reads them.
-        raise Rejected(Reason.TRAINING_MODE, "it has statistics outputs, which means training mode before opset 14")
-    if any(o and (view.users(o) or view.is_graph_output(o)) for o in node.output[1:]):
-        raise Rejected(Reason.TRAINING_MODE, "its running or saved statistics outputs are used")
-    if opset < 9 and attr(node, "spatial", 1) == 0:
-        raise Rejected(Reason.SPATIAL, "spatial=0: statistics are per activation, not per channel")
-    if len(node.input) < 5:
-        raise Rejected(Reason.INVALID_PARAMS, "it has fewer than five inputs")
-    params = [view.constant(n) for n in node.input[1:5]]
-    names = ("scale", "bias", "mean", "var")
-    for nm, p, src in zip(names, params, node.input[1:5], strict=True):
-        if p is None:
-            too_large(view, src)
-            raise Rejected(Reason.NON_CONSTANT_PARAMS, f"its {nm} '{src}' is not a constant")
-        if p.dtype.kind not in "fV" and not str(p.dtype) == "bfloat16":
-            raise Rejected(Reason.INVALID_PARAMS, f"its {nm} has dtype {p.dtype}")
-    if any(p.ndim != 1 for p in params) or len({p.shape for p in params}) != 1:
-        shapes = ", ".join(f"{nm}{list(p.shape)}" for nm, p in zip(names, params, strict=True))
-        raise Rejected(Reason.INVALID_PARAMS, f"parameters must be 1-D of one length: {shapes}")
-    with np.errstate(invalid="ignore", over="ignore"):
-        gamma, beta, mean, var = (p.astype(np.float64) for p in params)
-    if not np.all(np.isfinite(np.concatenate([gamma, beta, mean, var]))):
-        raise Rejected(Reason.INVALID_PARAMS, "a parameter is NaN or infinite")
-    if np.any(var < 0):
-        raise Rejected(Reason.INVALID_PARAMS, "the running variance is negative")
-    s, t = fm.bn_affine(gamma, beta, mean, var, attr(node, "epsilon", 1e-5))
-    if not (np.all(np.isfinite(s)) and np.all(np.isfinite(t))):
-        raise Rejected(Reason.NON_FINITE, "scale / sqrt(var + epsilon) is not finite (var + epsilon is 0)")
-    return Affine(node, node.input[0], s, t)
-
-
-def data_rank(view: GraphView, name: str) -> int | None:
-    """Rank of ``name`` from shape inference, else from the op that makes it.
-
-    Without shape information, follows the data input back through BNs and
-    Mul/Add/Sub/Div by a constant (a constant of higher rank raises the rank)
-    to a Conv, ConvTranspose or Gemm, iteratively (deep chains, no recursion).
-    """
-    extra = 0
-    for _ in range(len(view.nodes) + 1):
-        r = view.rank(name)
-        if r is not None:
-            return max(r, extra)
-        p = view.producer_of(name)
-        if p is None:
-            return None
-        if p.op_type in ("Conv", "ConvTranspose"):
-            w = view.static_shape(p.input[1])
-            return None if w is None else max(len(w), extra)
-        if p.op_type == "Gemm":
-            return max(2, extra)
-        if p.op_type == "BatchNormalization" and p.input:
-            name = p.input[0]
-            continue
-        if p.op_type in AFFINE_OPS and len(p.input) == 2:
-            consts = [view.constant(i) for i in p.input]
-            if (consts[0] is None) == (consts[1] is None):
-                return None
-            k = 0 if consts[0] is not None else 1
-            extra = max(extra, consts[k].ndim)
-            name = p.input[1 - k]
-            continue
-        return None
-    return None
-
-
-def channel_dim(view: GraphView, name: str) -> int | None:
-    """Size of axis 1 of ``name`` when shape inference (or the Conv making it) tells it."""
-    tp = view.ctx.value_types.get(name)
-    if tp is not None and tp.HasField("tensor_type") and tp.tensor_type.HasField("shape"):
-        dims = tp.tensor_type.shape.dim
-        if len(dims) > 1 and dims[1].HasField("dim_value"):
-            return dims[1].dim_value
-    p = view.producer_of(name)
-    if p is not None and p.op_type == "Conv" and list(p.output).index(name) == 0:
-        w = view.static_shape(p.input[1])
-        return None if w is None else w[0]
-    return None
-
-
-def too_large(view: GraphView, name: str) -> None:
-    """Rejected with ``constant_too_large`` when ``name`` is no constant only because of the size bound."""
-    why = view.oversized.get(name)
-    if why is not None:
-        raise Rejected(Reason.CONSTANT_TOO_LARGE, f"'{name}' is not evaluated as a constant: {why}")
-
-
-def read_arith(view: GraphView, node: onnx.NodeProto) -> Affine | None:
-    """A Mul/Add/Sub/Div by one float constant as a per-channel affine map.
-
-    Returns None when the node is no candidate at all (no constant operand, two
-    constants, a non-float constant, ``c / x``); raises :class:`Rejected` when the
-    constant is not a scalar or per-channel on axis 1, when broadcasting it would
-    change the output shape, or when a divisor is zero.  Broadcasting follows
-    numpy rules: the constant's dims align with the data's *last* dims, so a
-    ``[C]`` constant is per-channel on ``[N, C]`` but runs along W on NCHW.
-    """
-    if len(node.input) != 2:
-        return None
-    consts = [view.constant(i) for i in node.input]
-    if consts[0] is None and consts[1] is None:
-        for i in node.input:
-            too_large(view, i)
-    if (consts[0] is None) == (consts[1] is None):
-        return None
-    k = 0 if consts[0] is not None else 1
-    c, data = consts[k], node.input[1 - k]
-    if c.dtype.kind != "f" and str(c.dtype) != "bfloat16":
-        return None
-    if node.op_type == "Div" and k == 0:
-        return None  # c / x is not affine
-    op, where = node.op_type, f"the {node.op_type} constant {list(c.shape)}"
-    rank = data_rank(view, data)
-    if rank is None:
-        raise Rejected(Reason.UNKNOWN_RANK, f"the rank of '{data}' is unknown")
-    if rank < 2:
-        raise Rejected(Reason.SHAPE_MISMATCH, f"'{data}' is {rank}-D: it has no channel axis")
-    if c.ndim > rank:
-        raise Rejected(Reason.SHAPE_MISMATCH, f"{where} has more dims than the {rank}-D data: it would change the rank")
-    if c.size == 0:
-        raise Rejected(Reason.SHAPE_MISMATCH, f"{where} is empty")
-    shape = (1,) * (rank - c.ndim) + c.shape
-    if any(d != 1 for i, d in enumerate(shape) if i != 1):
-        raise Rejected(
-            Reason.NOT_PER_CHANNEL, f"{where} against {rank}-D data varies over axes other than the channel axis 1"
-        )
-    if shape[1] > 1:
-        have = channel_dim(view, data)
-        if have is not None and have != shape[1]:
-            raise Rejected(
-                Reason.SHAPE_MISMATCH, f"{where} against {have} channel(s) of '{data}' would change the output shape"
-            )
-        v = consteval.exact(c).reshape(-1)
-    else:
-        v = np.asarray(consteval.exact(c).reshape(-1)[0], dtype=np.float64)
-    one, zero = np.ones_like(v), np.zeros_like(v)
-    if op == "Mul":
-        s, t = v, zero
-    elif op == "Add":
-        s, t = one, v
-    elif op == "Sub":
-        s, t = (one, -v) if k == 1 else (-one, v)
-    else:
-        if np.any(v == 0):
-            raise Rejected(Reason.NON_FINITE, f"{where} has a zero divisor")
-        s, t = 1.0 / v, zero
-    return Affine(node, data, s, t)
-
-
-def read_affine(view: GraphView, node: onnx.NodeProto) -> Affine | None:
-    """The affine map of a candidate node; None when it is not one (Rejected for BN)."""
-    if node.op_type == "BatchNormalization" and node.domain in ("", "ai.onnx"):
-        return read_bn(view, node)
-    if node.op_type in AFFINE_OPS[1:] and node.domain in ("", "ai.onnx"):
-        return read_arith(view, node)
-    return None
-
-
-# ---------------------------------------------------------------------------
-# Helpers shared by the rewrites
-# ---------------------------------------------------------------------------
-
-
-def const_input(view: GraphView, node: onnx.NodeProto, index: int, what: str) -> np.ndarray | None:
-    """Constant value of an optional input; Rejected when present but not constant."""
-    if len(node.input) <= index or not node.input[index]:
-        return None
-    v = view.constant(node.input[index])
-    if v is None:
-        too_large(view, node.input[index])
-        raise Rejected(
-            Reason.NON_CONSTANT_WEIGHT, f"the {what} '{node.input[index]}' of {node.op_type} is not a constant"
-        )
-    if v.dtype.kind != "f" and str(v.dtype) != "bfloat16":
-        raise Rejected(Reason.NON_CONSTANT_WEIGHT, f"the {what} of {node.op_type} has dtype {v.dtype}")
-    return v
-
-
-def rounded(x: np.ndarray, dtype: np.dtype, what: str) -> np.ndarray:
-    """Round once to ``dtype``; turn overflow into Rejected."""
-    try:
-        return fm.round_to(x, dtype, what)
-    except fm.FoldValueError as e:
-        reason = Reason.DTYPE_OVERFLOW if e.code == "dtype_overflow" else Reason.NON_FINITE
-        raise Rejected(reason, str(e)) from None
-
-
-def write_input(
-    view: GraphView, node: onnx.NodeProto, index: int, value: np.ndarray, base: str, exact: np.ndarray | None = None
-) -> None:
-    """Give ``node`` a new constant at ``index`` (private copy when shared).
-
-    ``exact`` is the float64 value before rounding, kept while a chain of folds goes
-    on (see :func:`exact_input`), so a chain rounds each weight once, at its end.
-    """
-    old = node.input[index] if len(node.input) > index else ""
-    name = view.replace_constant(old, value, base, node) if old else view.add_constant(base, value)
-    if name != old:
-        view.set_input(node, index, name)
-    if exact is None:
-        view.ctx.exact.pop(name, None)
-    else:
-        view.ctx.exact[name] = exact
-
-
-def exact_input(view: GraphView, node: onnx.NodeProto, index: int, value: np.ndarray | None) -> np.ndarray | None:
-    """The unrounded float64 value of input ``index`` when a previous fold of a chain made it, else ``value``."""
-    if value is None or len(node.input) <= index:
-        return value
-    return view.ctx.exact.get(node.input[index], value)
-
-
-def store(
-    view: GraphView,
-    aff: Affine,
-    node: onnx.NodeProto,
-    values: list[tuple[int, np.ndarray, np.dtype, str, str]],
-    *,
-    after: bool = True,
-) -> None:
-    """Round every folded value once, then write them all: ``(input index, float64 value, dtype, what, name)``.
-
-    Rounding comes first so an overflow rejects the fold before anything changed.
-    While a chain of folds goes on the float64 values are kept (:func:`exact_input`).
-    """
-    ready = [(i, v64, rounded(v64, dtype, what), base) for i, v64, dtype, what, base in values]
-    keep = chain_goes_on(view, aff, after)
-    for i, v64, v, base in ready:
-        write_input(view, node, i, v, base, v64 if keep else None)
-
-
-def _weight_and_bias(
-    node: onnx.NodeProto, w64: np.ndarray, b64: np.ndarray, dtype: np.dtype, bias: str = "bias"
-) -> list[tuple[int, np.ndarray, np.dtype, str, str]]:
-    """:func:`store` entries of a folded weight (input 1) and bias (input 2)."""
-    return [
-        (1, w64, dtype, "weight", f"{node.input[1]}_bnfold"),
-        (2, b64, dtype, "bias", f"{display_name(node)}_{bias}_bnfold"),
-    ]
-
-
-def conv_weight(view: GraphView, conv: onnx.NodeProto) -> tuple[np.ndarray, np.ndarray | None, int]:
-    """A Conv's or ConvTranspose's constant weight, optional bias and group; Rejected when they do not fit."""
-    w = weight(view, conv)
-    b = const_input(view, conv, 2, "bias")
-    group = attr(conv, "group", 1)
+def _group(node: onnx.NodeProto, w: np.ndarray) -> int:
+    group = attr(node, "group", 1)
     if w.ndim < 3 or group < 1 or w.shape[0] % group:
-        raise Rejected(Reason.SHAPE_MISMATCH, f"{conv.op_type} weight {list(w.shape)} does not fit group={group}")
-    return w, b, group
+        raise Rejected(Reason.SHAPE_MISMATCH, f"{node.op_type} weight {list(w.shape)} does not fit group={group}")
+    return int(group)
 
 
-def final(view: GraphView, aff: Affine, w: np.ndarray) -> np.dtype | None:
-    """The dtype to round a folded weight into at once, or None while a chain goes on (keep float64)."""
-    return None if chain_goes_on(view, aff) else w.dtype
+def _value(slot_value: np.ndarray | None) -> np.ndarray:
+    assert slot_value is not None  # a weight slot always has a value
+    return slot_value
 
 
-def chain_goes_on(view: GraphView, aff: Affine, after: bool = True) -> bool:
-    """Whether another affine op may fold into the same weights next (keep them unrounded).
+def _moved_by_transpose(site: Site) -> bool:
+    return any(p.op_type == "Transpose" for p in site.path)
 
-    After a producer fold, that is an affine op reading the folded output; after a
-    consumer fold, an affine op making the data the Conv now reads.
+
+def channels_at_affine(view: GraphView, site: Site, start: Pos, channels: int) -> Pos:
+    """Check that ``site.aff`` runs along the axis the target's channels reach; the position there.
+
+    The channel axis must survive the layout path as an axis of its own, and the
+    affine constant must vary along that axis only (a BN along axis 1).
     """
-    if after:
-        users = view.users(aff.node.output[0])
-        nxt = users[0] if len(users) == 1 else None
-    else:
-        nxt = view.producer_of(aff.data)
-    return nxt is not None and nxt.op_type in AFFINE_OPS and nxt.domain in ("", "ai.onnx")
-
-
-def splice_out(view: GraphView, aff: Affine, target: onnx.NodeProto) -> None:
-    """Remove the affine node; ``target`` takes over its output name."""
-    view.remove(aff.node)
-    view.vanish(target.output[0])
-    view.rename_output(target, 0, aff.node.output[0])
-
-
-def require_private_output(view: GraphView, aff: Affine, producer: onnx.NodeProto) -> None:
-    """The producer's output must feed only the affine node."""
-    out = producer.output[0]
-    if out != aff.data:
+    aff = site.aff
+    if aff.axis is None and site.path:
+        return start  # a scalar commutes with any layout op: where the channels went does not matter
+    pos = follow_path(view, start, list(site.path), channels)
+    if not pos.alone:
         raise Rejected(
-            Reason.UNSUPPORTED_PRODUCER, f"it reads output '{aff.data}' of {producer.op_type}, not the first"
+            Reason.CHANNEL_AXIS_LOST, f"the {channels} channels are merged with other dims before {aff.node.op_type}"
         )
-    if view.is_graph_output(out):
-        raise Rejected(Reason.GRAPH_OUTPUT, f"'{out}' from {display_name(producer)} is a graph output")
-    if not view.only_consumer(out, aff.node):
-        raise Rejected(Reason.OUTPUT_SHARED, f"'{out}' from {display_name(producer)} has other consumers")
+    rank = pos.rank if pos.rank is not None else aff.rank
+    if pos.rank is not None and aff.rank is not None and pos.rank != aff.rank:
+        raise Rejected(Reason.SHAPE_MISMATCH, f"the data is {aff.rank}-D, not {pos.rank}-D")
+    if aff.axis is None:
+        return pos
+    index = pos.index() if pos.rank is not None else (pos.axis % rank if rank is not None else None)
+    if index is None:
+        raise Rejected(Reason.UNKNOWN_RANK, f"the rank of '{aff.data}' is unknown")
+    if index != aff.axis:
+        what = "BN's channel axis is 1" if aff.is_bn else f"the constant runs along axis {aff.axis}"
+        if _moved_by_transpose(site):
+            ops = "+".join(p.op_type for p in site.path)
+            raise Rejected(Reason.CHANNEL_AXIS_MOVED, f"{ops} moves the channels to axis {index}, but {what}")
+        if aff.is_bn:
+            raise Rejected(Reason.SHAPE_MISMATCH, f"{site.target.op_type} output channels are on axis {index}: {what}")
+        raise Rejected(Reason.NOT_PER_CHANNEL, f"{what}, the channels of {site.target.op_type} are on axis {index}")
+    return Pos(index, rank, 1, 1)
 
 
-def weight(view: GraphView, node: onnx.NodeProto, index: int = 1) -> np.ndarray:
-    """A node's constant weight input; Rejected when missing or not constant."""
-    w = const_input(view, node, index, "weight")
-    if w is None:
-        raise Rejected(Reason.NON_CONSTANT_WEIGHT, f"{node.op_type} has no weight input")
-    return w
+def splice_out(view: GraphView, site: Site) -> None:
+    """Remove the affine node; the node before it takes over its output name."""
+    aff = site.aff
+    last = site.path[-1] if site.path else site.target
+    view.remove(aff.node)
+    view.vanish(aff.data)
+    view.rename_output(last, 0, aff.node.output[0])
 
 
 # ---------------------------------------------------------------------------
-# Folds into the producer (affine after the op)
+# Folds into the producer (affine after the op, possibly through layout ops)
 # ---------------------------------------------------------------------------
 
 
-def into_conv(view: GraphView, aff: Affine, conv: onnx.NodeProto) -> str:
+def match_conv(view: GraphView, site: Site, slots: SlotReader) -> Plan:
     """Affine after Conv: scale output channels, fold the shift into the bias."""
-    w, b, _ = conv_weight(view, conv)
-    s, t = aff.per_channel(w.shape[0])
-    w64, b64 = fm.fold_conv(exact_input(view, conv, 1, w), exact_input(view, conv, 2, b), s, t, final(view, aff, w))
-    store(view, aff, conv, _weight_and_bias(conv, w64, b64, w.dtype))
-    splice_out(view, aff, conv)
-    return "Conv+" + aff.node.op_type
+    conv = site.target
+    w = slots.weight(conv)
+    wv = _value(w.value)
+    _group(conv, wv)
+    b = slots.optional(conv, 2, "bias", w.dtype, "bias")
+    channels_at_affine(view, site, Pos(1, wv.ndim), wv.shape[0])
+    s, t = site.aff.per_channel(wv.shape[0])
+    w64, b64 = fm.fold_conv(wv, b.value, s, t, w.round_into)
+    return Plan([w.put(w64), b.put(b64)])
 
 
-def into_conv_transpose(view: GraphView, aff: Affine, conv: onnx.NodeProto) -> str:
+def match_conv_transpose(view: GraphView, site: Site, slots: SlotReader) -> Plan:
     """Affine after ConvTranspose: weight ``[Cin, Cout/g, k...]``."""
-    w, b, group = conv_weight(view, conv)
-    s, t = aff.per_channel(w.shape[1] * group)
-    w64, b64 = fm.fold_conv_transpose(
-        exact_input(view, conv, 1, w), exact_input(view, conv, 2, b), s, t, group, final(view, aff, w)
-    )
-    store(view, aff, conv, _weight_and_bias(conv, w64, b64, w.dtype))
-    splice_out(view, aff, conv)
-    return "ConvTranspose+" + aff.node.op_type
+    conv = site.target
+    w = slots.weight(conv)
+    wv = _value(w.value)
+    group = _group(conv, wv)
+    b = slots.optional(conv, 2, "bias", w.dtype, "bias")
+    cout = wv.shape[1] * group
+    channels_at_affine(view, site, Pos(1, wv.ndim), cout)
+    s, t = site.aff.per_channel(cout)
+    w64, b64 = fm.fold_conv_transpose(wv, b.value, s, t, group, w.round_into)
+    return Plan([w.put(w64), b.put(b64)])
 
 
-def into_gemm(view: GraphView, aff: Affine, gemm: onnx.NodeProto) -> str:
+def match_gemm(view: GraphView, site: Site, slots: SlotReader) -> Plan:
     """Affine after Gemm: scale the output columns of ``op(B)``; new ``C``, ``beta = 1``."""
-    b = weight(view, gemm)
-    c = const_input(view, gemm, 2, "C")
+    gemm = site.target
+    b = slots.weight(gemm)
+    bv = _value(b.value)
+    if bv.ndim != 2:
+        raise Rejected(Reason.SHAPE_MISMATCH, f"Gemm B has shape {list(bv.shape)}")
+    c = slots.optional(gemm, 2, "C", b.dtype, "C")
     trans_b = bool(attr(gemm, "transB", 0))
-    if b.ndim != 2:
-        raise Rejected(Reason.SHAPE_MISMATCH, f"Gemm B has shape {list(b.shape)}")
-    s, t = aff.per_channel(b.shape[0] if trans_b else b.shape[1])
-    b64, c64 = fm.fold_gemm(
-        exact_input(view, gemm, 1, b),
-        exact_input(view, gemm, 2, c),
-        s,
-        t,
-        trans_b,
-        attr(gemm, "beta", 1.0),
-        final(view, aff, b),
-    )
-    store(view, aff, gemm, _weight_and_bias(gemm, b64, c64, b.dtype, "C"))
-    set_attr(gemm, "beta", 1.0)
-    splice_out(view, aff, gemm)
-    return "Gemm+" + aff.node.op_type
+    n = bv.shape[0] if trans_b else bv.shape[1]
+    channels_at_affine(view, site, Pos(1, 2), n)
+    s, t = site.aff.per_channel(n)
+    b64, c64 = fm.fold_gemm(bv, c.value, s, t, trans_b, attr(gemm, "beta", 1.0), b.round_into)
+    return Plan([b.put(b64), c.put(c64)])
 
 
-def _matmul_weight(view: GraphView, mm: onnx.NodeProto) -> np.ndarray:
-    w = weight(view, mm)
-    if w.ndim != 2:
-        raise Rejected(Reason.SHAPE_MISMATCH, f"MatMul weight has shape {list(w.shape)}, not [K, N]")
+def apply_gemm(view: GraphView, site: Site, plan: Plan) -> None:
+    set_attr(site.target, "beta", 1.0)
+    splice_out(view, site)
+
+
+def _matmul_start(view: GraphView, mm: onnx.NodeProto, slots: SlotReader):
+    """The constant ``W[K, N]`` slot of a MatMul and the position of its output channels (the last axis)."""
+    w = slots.weight(mm)
+    wv = _value(w.value)
+    if wv.ndim != 2:
+        raise Rejected(Reason.SHAPE_MISMATCH, f"MatMul weight has shape {list(wv.shape)}, not [K, N]")
     rank = data_rank(view, mm.input[0])
-    if rank is None:
-        raise Rejected(Reason.UNKNOWN_RANK, "the rank of the MatMul input is unknown")
-    if rank != 2:
-        raise Rejected(Reason.SHAPE_MISMATCH, f"MatMul output is {rank}-D: BN's channel axis is not N")
-    return w
+    if rank is not None and rank < 2:
+        raise Rejected(Reason.SHAPE_MISMATCH, f"MatMul input is {rank}-D: its output has no channel axis")
+    return w, Pos(-1 if rank is None else rank - 1, rank)
 
 
-def into_matmul(view: GraphView, aff: Affine, mm: onnx.NodeProto) -> str:
-    """Affine after ``MatMul(x, W)`` with a 2-D output: scale W's columns, then add the shift."""
-    kind = aff.node.op_type
-    w = _matmul_weight(view, mm)
-    s, t = aff.per_channel(w.shape[1])
+def match_matmul(view: GraphView, site: Site, slots: SlotReader) -> Plan:
+    """Affine after ``MatMul(x, W)``: scale W's columns; the shift becomes a bias Add in the affine op's place.
+
+    Any output rank: the channels are the last axis (LeViT's ``MatMul [B,N,K]x[K,C]
+    -> Reshape [B*N, C] -> BatchNormalization``).
+    """
+    aff, mm = site.aff, site.target
+    w, start = _matmul_start(view, mm, slots)
+    wv = _value(w.value)
+    n = wv.shape[1]
+    pos = channels_at_affine(view, site, start, n)
+    s, t = aff.per_channel(n)
     if not aff.is_bn and np.all(s == 1):
         raise Rejected(Reason.UNSUPPORTED_PRODUCER, "a bias Add after MatMul is already minimal")
-    w64, t64 = fm.fold_matmul(exact_input(view, mm, 1, w), None, s, t, final(view, aff, w))
-    w2 = rounded(w64, w.dtype, "weight")
-    t2 = rounded(t64, w.dtype, "bias")
-    write_input(view, mm, 1, w2, f"{mm.input[1]}_bnfold", w64 if chain_goes_on(view, aff) else None)
-    if np.any(t2 != 0):
-        # The affine node becomes the bias Add, in its own place in the graph.
-        node = aff.node
-        out = node.output[0]
-        tname = view.add_constant(f"{display_name(mm)}_bias_bnfold", t2)
-        view.replace_inputs(node, [aff.data, tname])
-        for extra in node.output[1:]:
-            view.vanish(extra)
-        del node.output[:]
-        node.output.append(out)
-        del node.attribute[:]
-        node.op_type, node.domain = "Add", ""
-    else:
-        splice_out(view, aff, mm)
-    return "MatMul+" + kind
+    w64, t64 = fm.fold_matmul(wv, None, s, t, w.round_into)
+    extra: dict[str, Any] = {}
+    if np.any(t64 != 0):
+        rank = pos.rank if pos.rank is not None else aff.rank
+        if rank is None:
+            raise Rejected(Reason.UNKNOWN_RANK, f"the rank of '{aff.data}' is unknown")
+        shape = (n,) + (1,) * (rank - 1 - pos.axis)
+        extra["bias"] = rounded(t64, w.dtype, "bias").reshape(shape)
+    return Plan([w.put(w64)], extra=extra)
 
 
-def into_matmul_add(view: GraphView, aff: Affine, add: onnx.NodeProto) -> str:
+def apply_matmul(view: GraphView, site: Site, plan: Plan) -> None:
+    bias = plan.extra.get("bias")
+    if bias is None:
+        splice_out(view, site)
+        return
+    # The affine node becomes the bias Add, in its own place in the graph.
+    node = site.aff.node
+    out = node.output[0]
+    tname = view.add_constant(f"{display_name(site.target)}_bias_bnfold", bias)
+    view.replace_inputs(node, [site.aff.data, tname])
+    for extra in node.output[1:]:
+        view.vanish(extra)
+    del node.output[:]
+    node.output.append(out)
+    del node.attribute[:]
+    node.op_type, node.domain = "Add", ""
+
+
+def match_matmul_bias(view: GraphView, site: Site, slots: SlotReader) -> Plan:
     """Affine after ``MatMul(x, W) + bias`` (or ``- bias``): scale W's columns, fold into the bias.
 
     A ``Sub(MatMul(x, W), c)`` is a bias too (``-c``); it stays a Sub and its
     constant becomes the negated folded bias.
     """
+    add, aff = site.target, site.aff
     op = add.op_type
     if len(add.input) != 2:
         raise Rejected(Reason.UNSUPPORTED_PRODUCER, f"{op} with other than two inputs")
     k = 1 if view.constant(add.input[1]) is not None else 0
-    bias, x = view.constant(add.input[k]), add.input[1 - k]
+    x = add.input[1 - k]
     mm = view.producer_of(x)
-    if bias is None or mm is None or mm.op_type != "MatMul" or (op == "Sub" and k != 1):
+    if view.constant(add.input[k]) is None or not is_standard(mm, "MatMul") or (op == "Sub" and k != 1):
         raise Rejected(
             Reason.UNSUPPORTED_PRODUCER, f"its input comes from {op} '{display_name(add)}', not a MatMul bias"
         )
-    if not view.only_consumer(x, add):
-        raise Rejected(Reason.OUTPUT_SHARED, f"the MatMul output '{x}' has other consumers")
-    w = _matmul_weight(view, mm)
-    n = w.shape[1]
-    if bias.size not in (1, n) or bias.ndim > 2 or (bias.ndim == 2 and bias.shape[0] != 1):
-        raise Rejected(Reason.NOT_PER_CHANNEL, f"the MatMul bias has shape {list(bias.shape)}")
+    assert mm is not None
+    if mm.output[0] != x:
+        raise Rejected(Reason.UNSUPPORTED_PRODUCER, f"{op} reads output '{x}' of MatMul, not the first")
+    w, start = _matmul_start(view, mm, slots)
+    wv = _value(w.value)
+    n = wv.shape[1]
+    bias = slots.optional(add, k, "bias", w.dtype, "bias")
+    bv = _value(bias.value)
+    if bv.size not in (1, n) or bv.ndim > 2 or (bv.ndim == 2 and bv.shape[0] != 1):
+        raise Rejected(Reason.NOT_PER_CHANNEL, f"the MatMul bias has shape {list(bv.shape)}")
+    channels_at_affine(view, site, start, n)
     sign = -1.0 if op == "Sub" else 1.0
     s, t = aff.per_channel(n)
-    bias64 = np.broadcast_to(np.asarray(exact_input(view, add, k, bias), np.float64).reshape(-1), (n,))
-    w64, b64 = fm.fold_matmul(exact_input(view, mm, 1, w), sign * bias64, s, t, final(view, aff, w))
-    b64 = sign * b64
-    b2 = rounded(b64, bias.dtype, "bias")  # before the weight is written: Rejected changes nothing
-    store(view, aff, mm, [(1, w64, w.dtype, "weight", f"{mm.input[1]}_bnfold")])
-    keep = chain_goes_on(view, aff)
-    write_input(view, add, k, b2, f"{display_name(add)}_bias_bnfold", b64 if keep else None)
-    splice_out(view, aff, add)
-    return f"MatMul+{op}+{aff.node.op_type}"
+    bias64 = np.broadcast_to(np.asarray(bv, np.float64).reshape(-1), (n,))
+    w64, b64 = fm.fold_matmul(wv, sign * bias64, s, t, w.round_into)
+    # The MatMul output changes: it must feed nothing but this bias.
+    return Plan([w.put(w64), bias.put(sign * b64)], private=(x,))
 
 
-def into_bn(view: GraphView, aff: Affine, bn: onnx.NodeProto) -> str:
+def _concat_convs(view: GraphView, site: Site) -> list[onnx.NodeProto]:
+    """The Convs whose private outputs a Concat joins; Rejected (no fold target) otherwise."""
+    cat = site.target
+    convs: list[onnx.NodeProto] = []
+    for x in cat.input:
+        p = view.producer_of(x)
+        if not is_standard(p, "Conv") or p is None or p.output[0] != x:
+            raise Rejected(Reason.UNSUPPORTED_PRODUCER, f"Concat input '{x}' is not the output of a Conv")
+        if not view.only_consumer(x, cat):
+            # No fold target then (densenet's Concats of shared features): the BN just stays.
+            raise Rejected(Reason.UNSUPPORTED_PRODUCER, f"Concat input '{x}' has other readers")
+        convs.append(p)
+    if len(set(cat.input)) != len(cat.input):
+        raise Rejected(Reason.UNSUPPORTED_PRODUCER, "the Concat reads one Conv output twice")
+    return convs
+
+
+def claim_concat(view: GraphView, site: Site) -> None:
+    _concat_convs(view, site)
+
+
+def match_concat(view: GraphView, site: Site, slots: SlotReader) -> Plan:
+    """Affine after ``Concat(axis=1)`` of private Conv outputs: split ``s``, ``t`` by the slices, fold each part.
+
+    YOLOv5's BottleneckCSP: ``bn(cat(cv3(...), cv2(x)))``.
+    """
+    cat, aff = site.target, site.aff
+    convs = _concat_convs(view, site)
+    weights = [slots.weight(conv) for conv in convs]
+    ranks = {_value(w.value).ndim for w in weights}
+    rank = ranks.pop() if len(ranks) == 1 else None
+    if rank is None or attr(cat, "axis", 1) % rank != 1:
+        raise Rejected(Reason.UNSUPPORTED_PRODUCER, "the Concat does not join the Convs' channel axis 1")
+    counts = [_value(w.value).shape[0] for w in weights]
+    total = sum(counts)
+    channels_at_affine(view, site, Pos(1, rank), total)
+    s, t = aff.per_channel(total)
+    writes: list[Write] = []
+    start = 0
+    for conv, w, n in zip(convs, weights, counts, strict=True):
+        wv = _value(w.value)
+        _group(conv, wv)
+        b = slots.optional(conv, 2, "bias", w.dtype, "bias")
+        w64, b64 = fm.fold_conv(wv, b.value, s[start : start + n], t[start : start + n], w.round_into)
+        writes += [w.put(w64), b.put(b64)]
+        start += n
+    return Plan(writes, private=tuple(cat.input))
+
+
+def match_bn(view: GraphView, site: Site, slots: SlotReader) -> Plan:
     """Affine after an inference BN that stays: fold into its scale and bias."""
-    if aff.is_bn:
-        raise Rejected(Reason.UNSUPPORTED_PRODUCER, "BN after BN is folded only into a weighted op")
+    bn = site.target
     read_bn(view, bn)  # the BN itself must be a valid inference BN
-    gamma, beta = view.constant(bn.input[1]), view.constant(bn.input[2])
-    s, t = aff.per_channel(gamma.shape[0])
-    g64, b64 = fm.fold_into_bn(exact_input(view, bn, 1, gamma), exact_input(view, bn, 2, beta), s, t)
-    store(
-        view,
-        aff,
-        bn,
-        [
-            (1, g64, gamma.dtype, "scale", f"{bn.input[1]}_bnfold"),
-            (2, b64, beta.dtype, "bias", f"{bn.input[2]}_bnfold"),
-        ],
-    )
-    splice_out(view, aff, bn)
-    return "BatchNormalization+" + aff.node.op_type
+    gamma = slots.weight(bn, 1, "scale")
+    beta = slots.weight(bn, 2, "bias")
+    c = _value(gamma.value).shape[0]
+    channels_at_affine(view, site, Pos(1, data_rank(view, bn.input[0])), c)
+    s, t = site.aff.per_channel(c)
+    g64, b64 = fm.fold_into_bn(_value(gamma.value), _value(beta.value), s, t)
+    return Plan([gamma.put(g64), beta.put(b64)])
+
+
+def apply_splice(view: GraphView, site: Site, plan: Plan) -> None:
+    splice_out(view, site)
 
 
 # ---------------------------------------------------------------------------
-# Folds into the consumer (affine before an unpadded Conv)
+# Folds into the consumer (affine before the op)
 # ---------------------------------------------------------------------------
 
 
@@ -551,110 +413,250 @@ def conv_pads_nothing(conv: onnx.NodeProto) -> bool:
     return auto_pad == "VALID" or not any(attr(conv, "pads", []) or [])
 
 
-def into_next_conv(view: GraphView, aff: Affine, conv: onnx.NodeProto) -> str:
+def _data_input(site: Site) -> str:
+    """The tensor the consumer reads: the affine output, or the last layout op's."""
+    return site.path[-1].output[0] if site.path else site.aff.node.output[0]
+
+
+def _reads_once_as_data(site: Site) -> None:
+    node, x = site.target, _data_input(site)
+    if list(node.input).count(x) != 1 or node.input[0] != x:
+        raise Rejected(Reason.UNSUPPORTED_PRODUCER, f"it feeds {display_name(node)} other than as its data input")
+
+
+def _channel_input_axis(view: GraphView, site: Site, channels: int) -> Pos:
+    """Position of the affine op's channels in the consumer's data input (through the layout path)."""
+    aff = site.aff
+    assert aff.axis is not None
+    rank = aff.rank if aff.rank is not None else data_rank(view, aff.data)
+    return follow_path(view, Pos(aff.axis, rank), list(site.path), channels)
+
+
+def _check_conv_input_channels(view: GraphView, aff: Affine, cin: int) -> None:
+    if aff.axis not in (None, 1):
+        raise Rejected(Reason.NOT_PER_CHANNEL, f"the constant runs along axis {aff.axis}, not the channel axis 1")
+    if not aff.is_bn and aff.channels is not None and channel_dim(view, aff.data) != cin:
+        # A [1, C, 1, 1] constant on a 1-channel tensor broadcasts it to C channels:
+        # the Conv could not read the un-broadcast data.
+        raise Rejected(Reason.SHAPE_MISMATCH, f"'{aff.data}' does not have the {cin} channels the Conv reads")
+
+
+def match_next_conv(view: GraphView, site: Site, slots: SlotReader) -> Plan:
     """Affine before an unpadded Conv: ``W' = W * s[c]``, ``b' = b + sum W * t[c]``.
 
     Exact only when the Conv reads no padded zeros (padding happens after the
     affine map, so padded positions would see ``0`` instead of ``t``).
     """
-    out = aff.node.output[0]
-    if list(conv.input).count(out) != 1 or conv.input[0] != out:
-        raise Rejected(Reason.UNSUPPORTED_PRODUCER, f"it feeds {display_name(conv)} other than as its data input")
-    if view.is_graph_output(out) or [id(u) for u in view.value_users(out)] != [id(conv)]:
-        raise Rejected(Reason.OUTPUT_SHARED_AFTER, f"its output '{out}' has other consumers or is a graph output")
+    conv, aff = site.target, site.aff
+    _reads_once_as_data(site)
     if not conv_pads_nothing(conv):
         raise Rejected(Reason.PADDED_CONSUMER, f"the following Conv {display_name(conv)} pads its input")
-    w, b, group = conv_weight(view, conv)
-    cin = w.shape[1] * group
-    if not aff.is_bn and aff.channels is not None and channel_dim(view, aff.data) != cin:
-        # A [1, C, 1, 1] constant on a 1-channel tensor broadcasts it to C channels:
-        # the Conv could not read the un-broadcast data.
-        raise Rejected(Reason.SHAPE_MISMATCH, f"'{aff.data}' does not have the {cin} channels the Conv reads")
+    w = slots.weight(conv)
+    wv = _value(w.value)
+    group = _group(conv, wv)
+    b = slots.optional(conv, 2, "bias", w.dtype, "bias")
+    cin = wv.shape[1] * group
+    _check_conv_input_channels(view, aff, cin)
     s, t = aff.per_channel(cin)
-    w64, b64 = fm.fold_into_next_conv(exact_input(view, conv, 1, w), exact_input(view, conv, 2, b), s, t, group)
-    store(view, aff, conv, _weight_and_bias(conv, w64, b64, w.dtype), after=False)
+    w64, b64 = fm.fold_into_next_conv(wv, b.value, s, t, group)
+    return Plan([w.put(w64), b.put(b64)])
+
+
+def match_next_conv_transpose(view: GraphView, site: Site, slots: SlotReader) -> Plan:
+    """A pure scale before a ConvTranspose: ``W'[i] = s[i] * W[i]`` (a shift is not exact at the borders)."""
+    conv, aff = site.target, site.aff
+    _reads_once_as_data(site)
+    if aff.shifts:
+        raise Rejected(
+            Reason.SHIFT_BEFORE_CONV_TRANSPOSE,
+            f"a shift before ConvTranspose {display_name(conv)} is not exact: border outputs sum fewer inputs",
+        )
+    w = slots.weight(conv)
+    wv = _value(w.value)
+    _group(conv, wv)
+    cin = wv.shape[0]
+    _check_conv_input_channels(view, aff, cin)
+    s, _ = aff.per_channel(cin)
+    return Plan([w.put(fm.fold_scale_into_next_conv_transpose(wv, s, w.round_into))])
+
+
+def _contracted(view: GraphView, site: Site, axis: int, rank: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(s, t)`` per contracted index ``[k]`` of the consumer's data input (its axis ``axis`` of ``rank``)."""
+    aff = site.aff
+    if aff.axis is None:
+        return aff.per_channel(k)
+    c = aff.channels
+    assert c is not None
+    pos = _channel_input_axis(view, site, c)
+    if pos.rank is not None and pos.rank != rank:
+        raise Rejected(Reason.SHAPE_MISMATCH, f"the data input of {site.target.op_type} is {pos.rank}-D, not {rank}-D")
+    index = pos.axis % rank
+    if index != axis or pos.outer != 1:
+        raise Rejected(
+            Reason.CHANNEL_IS_BATCH_AXIS,
+            f"the {c} channels reach {site.target.op_type} on axis {index}, which it does not sum over (axis {axis})",
+        )
+    if c * pos.inner != k:
+        raise Rejected(Reason.SHAPE_MISMATCH, f"{c} channels x {pos.inner} against {k} rows of the weight")
+    s, t = aff.per_channel(c)
+    return fm.expand_channels(s, pos.inner), fm.expand_channels(t, pos.inner)
+
+
+def match_next_gemm(view: GraphView, site: Site, slots: SlotReader) -> Plan:
+    """Affine before ``Gemm(A, B, C)`` on A's contracted axis: rows of ``op(B)`` scaled, the shift into ``C``."""
+    gemm = site.target
+    _reads_once_as_data(site)
+    b = slots.weight(gemm)
+    bv = _value(b.value)
+    if bv.ndim != 2:
+        raise Rejected(Reason.SHAPE_MISMATCH, f"Gemm B has shape {list(bv.shape)}")
+    trans_a, trans_b = bool(attr(gemm, "transA", 0)), bool(attr(gemm, "transB", 0))
+    k = bv.shape[1] if trans_b else bv.shape[0]
+    s, t = _contracted(view, site, 0 if trans_a else 1, 2, k)
+    c = slots.optional(gemm, 2, "C", b.dtype, "C")
+    alpha, beta = attr(gemm, "alpha", 1.0), attr(gemm, "beta", 1.0)
+    b64, c64 = fm.fold_into_next_gemm(bv, c.value, s, t, trans_b, alpha, beta, b.round_into)
+    writes = [b.put(b64)]
+    if c64 is not None:
+        writes.append(c.put(c64))
+    return Plan(writes, extra={"beta": c64 is not None})
+
+
+def apply_next_gemm(view: GraphView, site: Site, plan: Plan) -> None:
+    if plan.extra["beta"]:
+        set_attr(site.target, "beta", 1.0)
+    bypass(view, site)
+
+
+def _bias_after(view: GraphView, mm: onnx.NodeProto, n: int) -> tuple[onnx.NodeProto, int] | None:
+    """``(Add or Sub, index of its constant)`` when the MatMul output feeds only a bias of ``[N]``."""
+    y = mm.output[0]
+    add = view.sole_user(y)
+    if view.is_graph_output(y) or not is_standard(add, "Add", "Sub") or add is None or len(add.input) != 2:
+        return None
+    k = 1 if add.input[0] == y else 0
+    if add.input[1 - k] != y or (add.op_type == "Sub" and k != 1):
+        return None
+    c = view.constant(add.input[k])
+    if c is None or c.dtype.kind != "f" or c.size not in (1, n) or c.ndim > 2 or (c.ndim == 2 and c.shape[0] != 1):
+        return None
+    return add, k
+
+
+def match_next_matmul(view: GraphView, site: Site, slots: SlotReader) -> Plan:
+    """Affine before ``MatMul(x, W[K, N])`` on x's last axis: rows of W scaled; ``t @ W`` into the bias after it.
+
+    The bias goes into the Add (or Sub) that follows the MatMul, else into a new Add.
+    """
+    mm, aff = site.target, site.aff
+    _reads_once_as_data(site)
+    w = slots.weight(mm)
+    wv = _value(w.value)
+    if wv.ndim != 2:
+        raise Rejected(Reason.SHAPE_MISMATCH, f"MatMul weight has shape {list(wv.shape)}, not [K, N]")
+    x = _data_input(site)
+    rank = data_rank(view, x) if site.path else (aff.rank if aff.rank is not None else data_rank(view, x))
+    if rank is None:
+        raise Rejected(Reason.UNKNOWN_RANK, f"the rank of the MatMul input '{x}' is unknown")
+    k, n = wv.shape
+    s, t = _contracted(view, site, rank - 1, rank, k)
+    w64, shift = fm.fold_into_next_matmul(wv, s, t, w.round_into)
+    writes = [w.put(w64)]
+    extra: dict[str, Any] = {}
+    if np.any(shift != 0):
+        found = _bias_after(view, mm, n)
+        if found is not None:
+            add, kk = found
+            bias = slots.optional(add, kk, "bias", w.dtype, "bias")
+            sign = -1.0 if add.op_type == "Sub" else 1.0
+            b64 = np.broadcast_to(np.asarray(bias.value, np.float64).reshape(-1), (n,)) + sign * shift
+            writes.append(bias.put(b64))
+        elif np.all(s == 1):
+            raise Rejected(Reason.UNSUPPORTED_PRODUCER, "a shift before a MatMul without a bias Add is already minimal")
+        else:
+            extra["bias"] = rounded(shift, w.dtype, "bias")
+    return Plan(writes, extra=extra)
+
+
+def apply_next_matmul(view: GraphView, site: Site, plan: Plan) -> None:
+    bias = plan.extra.get("bias")
+    if bias is not None:
+        mm = site.target
+        y = mm.output[0]
+        inner = view.ctx.fresh_name(f"{y}_bnfold")
+        tname = view.add_constant(f"{display_name(mm)}_bias_bnfold", bias)
+        view.rename_output(mm, 0, inner)
+        add = helper.make_node("Add", [inner, tname], [y], name=view.ctx.fresh_name(f"{display_name(mm)}_bias"))
+        view.insert_after(mm, add)
+    bypass(view, site)
+
+
+def apply_bypass(view: GraphView, site: Site, plan: Plan) -> None:
+    bypass(view, site)
+
+
+def bypass(view: GraphView, site: Site) -> None:
+    """Remove the affine node before a consumer: what read its output reads its input."""
+    aff = site.aff
+    out = aff.node.output[0]
     for reader in view.type_only_readers(out):  # same dtype before and after the affine op
         for k, i in enumerate(list(reader.input)):
             if i == out:
                 view.set_input(reader, k, aff.data)
+    first = site.path[0] if site.path else site.target
     view.remove(aff.node)
     view.vanish(out)
-    view.set_input(conv, 0, aff.data)
-    return aff.node.op_type + "+Conv"
+    view.set_input(first, 0, aff.data)
 
 
-def consumer_blocked(view: GraphView, aff: Affine) -> Rejected | None:
-    """Why no consumer fold was tried although a consumer could absorb ``aff``.
+_ANY_AFFINE = AFFINE_OPS
+_TOWARDS_LINEAR = LAYOUT_OPS
+_SAME_LAYOUT = ("Identity", "Dropout")  # a Conv reads channels on axis 1: only ops that keep every axis
 
-    The engine tries a consumer fold only when the affine node's output has a
-    single reader and is no graph output; when a Conv (or another consumer-fold
-    op) reads it among others, that sharing is the reason it stays.
-    """
-    out = aff.node.output[0]
-    users = view.value_users(out)
-    if not any(u.op_type in CONSUMER_FOLDS and u.domain in ("", "ai.onnx") for u in users):
-        return None
-    if len(users) == 1 and not view.is_graph_output(out):
-        return None
-    why = "is a graph output" if view.is_graph_output(out) else f"feeds {len(users)} nodes"
-    return Rejected(Reason.OUTPUT_SHARED_AFTER, f"its output '{out}' {why}, so the Conv after it cannot absorb it")
-
-
-Fold = Callable[[GraphView, Affine, onnx.NodeProto], str]
-
-# op type of the node that makes the affine node's input -> fold
-PRODUCER_FOLDS: dict[str, Fold] = {
-    "Conv": into_conv,
-    "ConvTranspose": into_conv_transpose,
-    "Gemm": into_gemm,
-    "MatMul": into_matmul,
-    "Add": into_matmul_add,
-    "Sub": into_matmul_add,
-    "BatchNormalization": into_bn,
-}
-
-# op type of the single node that reads the affine node's output -> fold
-CONSUMER_FOLDS: dict[str, Fold] = {
-    "Conv": into_next_conv,
-}
-
-# producers next to which a Mul/Add/Sub/Div by a constant looks like a frozen BN
-_REPORT_NEXT_TO = ("Conv", "ConvTranspose", "Gemm", "BatchNormalization")
-
-
-# Reasons that are routine for arithmetic by a scalar: activations such as
-# hard-swish (``x * relu6(x + 3) / 6``) read a Conv output twice and feed padded Convs.
-_ROUTINE_FOR_ARITH = {
-    Reason.OUTPUT_SHARED,
-    Reason.OUTPUT_SHARED_AFTER,
-    Reason.GRAPH_OUTPUT,
-    Reason.PADDED_CONSUMER,
-}
+# The one registry: order matters only among rules of one side and target op.
+REGISTRY: tuple[Rule, ...] = (
+    Rule("Conv+BatchNormalization", Side.PRODUCER, "Conv", _ANY_AFFINE, LAYOUT_OPS,
+         "scale output channels of W, shift into the bias (added when absent)", match_conv, apply_splice),
+    Rule("ConvTranspose+BatchNormalization", Side.PRODUCER, "ConvTranspose", _ANY_AFFINE, LAYOUT_OPS,
+         "weight [Cin, Cout/g, k...]: scale slot (i, j) by s[(i // (Cin/g)) * (Cout/g) + j]",
+         match_conv_transpose, apply_splice),
+    Rule("Gemm+BatchNormalization", Side.PRODUCER, "Gemm", _ANY_AFFINE, LAYOUT_OPS,
+         "scale columns of op(B); C' = s * beta * C + t, beta = 1", match_gemm, apply_gemm),
+    Rule("MatMul+BatchNormalization", Side.PRODUCER, "MatMul", _ANY_AFFINE, LAYOUT_OPS,
+         "scale columns of W[K, N] (channels on the last axis, any rank); the shift becomes a bias Add",
+         match_matmul, apply_matmul),
+    Rule("MatMul+Add+BatchNormalization", Side.PRODUCER, "Add", _ANY_AFFINE, LAYOUT_OPS,
+         "scale columns of W; fold into the bias Add after the MatMul", match_matmul_bias, apply_splice,
+         head=("MatMul",)),
+    Rule("MatMul+Sub+BatchNormalization", Side.PRODUCER, "Sub", _ANY_AFFINE, LAYOUT_OPS,
+         "scale columns of W; fold into the bias Sub after the MatMul", match_matmul_bias, apply_splice,
+         head=("MatMul",)),
+    Rule("Conv+Concat+BatchNormalization", Side.PRODUCER, "Concat", _ANY_AFFINE, LAYOUT_OPS,
+         "after Concat(axis=1) of private Conv outputs: s and t split by the slices, into each Conv",
+         match_concat, apply_splice, head=("Conv",), claim=claim_concat),
+    Rule("BatchNormalization+Mul", Side.PRODUCER, "BatchNormalization", ARITH_OPS, LAYOUT_OPS,
+         "an affine op after a BN that stays: into its scale and bias", match_bn, apply_splice),
+    Rule("BatchNormalization+Conv", Side.CONSUMER, "Conv", _ANY_AFFINE, _SAME_LAYOUT,
+         "before a Conv that pads nothing: W' = W * s[c], b' = b + sum W * t[c]", match_next_conv, apply_bypass),
+    Rule("BatchNormalization+ConvTranspose", Side.CONSUMER, "ConvTranspose", _ANY_AFFINE, _SAME_LAYOUT,
+         "a pure scale before a ConvTranspose: W'[i] = s[i] * W[i] (a shift is left)",
+         match_next_conv_transpose, apply_bypass),
+    Rule("BatchNormalization+Gemm", Side.CONSUMER, "Gemm", _ANY_AFFINE, _TOWARDS_LINEAR,
+         "on A's contracted axis (through Flatten/Reshape: row k reads channel k // inner): "
+         "rows of op(B) scaled, C' = beta * C + alpha * t @ op(B)", match_next_gemm, apply_next_gemm),
+    Rule("BatchNormalization+MatMul", Side.CONSUMER, "MatMul", _ANY_AFFINE, _TOWARDS_LINEAR,
+         "on x's last axis: rows of W[K, N] scaled, t @ W into the bias Add after it (or a new Add)",
+         match_next_matmul, apply_next_matmul),
+)  # fmt: skip
 
 
-def arith_worth_reporting(view: GraphView, node: onnx.NodeProto, rejected: Rejected) -> bool:
-    """Whether a Mul/Add/Sub/Div by a float constant that stays deserves a report line.
+def rules_for(side: Side, target: onnx.NodeProto, affine_op: str) -> list[Rule]:
+    """The registered rules that may fold an ``affine_op`` into ``target`` from ``side``."""
+    if not is_standard(target):
+        return []
+    return [r for r in REGISTRY if r.side is side and r.target == target.op_type and affine_op in r.affine]
 
-    Only nodes next to an op that could absorb them (a Conv, ConvTranspose, Gemm or
-    BN before, a Conv after) and only real reasons: "nothing to fold into" is the
-    normal case for arithmetic, and so are a shared output or a padded Conv after an
-    op by a scalar (activations), while a per-channel constant looks like a frozen BN.
-    Bias Adds after a MatMul are not reported either (they are already minimal).
-    """
-    if node.op_type not in AFFINE_OPS[1:] or node.domain not in ("", "ai.onnx") or len(node.input) != 2:
-        return False
-    if rejected.reason == Reason.UNSUPPORTED_PRODUCER:
-        return False
-    if rejected.reason == Reason.CONSTANT_TOO_LARGE:
-        return True
-    consts = [view.constant(i) for i in node.input]
-    if (consts[0] is None) == (consts[1] is None):
-        return False
-    if rejected.reason in _ROUTINE_FOR_ARITH and (consts[0] if consts[0] is not None else consts[1]).size == 1:
-        return False
-    data = node.input[1] if consts[0] is not None else node.input[0]
-    producer = view.producer_of(data)
-    if producer is not None and producer.op_type in _REPORT_NEXT_TO and producer.domain in ("", "ai.onnx"):
-        return True
-    users = view.users(node.output[0])
-    return any(u.op_type in CONSUMER_FOLDS and u.domain in ("", "ai.onnx") for u in users)
+
+def consumer_targets() -> frozenset[str]:
+    """Op types some consumer rule folds into."""
+    return frozenset(r.target for r in REGISTRY if r.side is Side.CONSUMER)
