@@ -10,6 +10,7 @@ import zipfile
 import numpy as np
 import onnx
 import pytest
+from builders import corrupt_rule
 from click.testing import CliRunner
 from helpers import run_cli
 from onnx import TensorProto, helper, numpy_helper
@@ -18,7 +19,6 @@ from verify_builders import conv_chain
 import bnfold
 from bnfold.cli.commands import main
 from bnfold.errors import InputFileError, InputShapeError
-from bnfold.fold import rules as patterns
 from bnfold.verify import iofile
 from bnfold.verify.inputs import InputOptions, load_npz
 from bnfold.verify.iofile import SAVE_IO_MARKER, load_io_file
@@ -59,15 +59,13 @@ def test_blame_from_another_folder_ignores_a_decoy_data_file(tmp_path, monkeypat
     size = os.path.getsize(src / "m.data")
     (elsewhere / "m.data").write_bytes(np.full(size // 4, 1e3, np.float32).tobytes())
     monkeypatch.chdir(elsewhere)
-    original = patterns.PRODUCER_FOLDS["Conv"]
 
-    def wrong(view, aff, conv):  # bn1 folds wrongly: one output channel's scale x 1.5
-        if aff.node.name == "bn1":
-            aff.s = np.array(aff.s, dtype=np.float64, copy=True)
-            aff.s[1] *= 1.5
-        return original(view, aff, conv)
+    def spoil(site):  # bn1 folds wrongly: one output channel's scale x 1.5
+        if site.aff.node.name == "bn1":
+            site.aff.s = np.array(site.aff.s, dtype=np.float64, copy=True)
+            site.aff.s[1] *= 1.5
 
-    monkeypatch.setitem(patterns.PRODUCER_FOLDS, "Conv", wrong)
+    corrupt_rule(monkeypatch, "Conv+BatchNormalization", spoil)
     out = str(tmp_path / "out" / "o.onnx")
     os.makedirs(os.path.dirname(out))
     r = invoke("fold", path, "-o", out, "--keep-safe", "--external-data")
