@@ -2,7 +2,7 @@
 
 ``Conv(W, b)(s*x + t)`` is a Conv with ``W'[o, i] = W[o, i] * s[c(o, i)]`` and
 ``b'[o] = b[o] + sum W[o, i] * t[c(o, i)]``, exact only when no padded zero is
-read (FOLDING.md, "Folding into the consumer").  A BN with a padded Conv after
+read (docs/folding.md, "Folding into the consumer").  A BN with a padded Conv after
 it, or whose output has other readers, stays and is reported with its reason.
 """
 

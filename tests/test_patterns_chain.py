@@ -3,7 +3,7 @@
 Each case builds a model, folds it with ``bnfold.fold_model``, runs original and
 folded model in onnxruntime (graph optimizations off) and compares every output.
 Expected node counts and pattern names are derived here from the rules in
-FOLDING.md ("Affine chains"), never read back from the code under test.
+docs/folding.md ("Affine chains"), never read back from the code under test.
 """
 
 from __future__ import annotations

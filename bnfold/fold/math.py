@@ -5,7 +5,7 @@ float64 results; :func:`round_to` rounds once to the target dtype and refuses
 values that are not finite or overflow it.  The big weight products take an
 optional ``weight_dtype``: the product is then computed in float64 chunk by chunk
 and rounded once straight into that dtype, so no float64 copy of a large weight is
-ever made (same values as rounding the float64 result).  See ``FOLDING.md`` for
+ever made (same values as rounding the float64 result).  See ``docs/folding.md`` for
 the derivations.
 """
 
