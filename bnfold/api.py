@@ -11,6 +11,7 @@ import onnx
 from bnfold.fold import engine
 from bnfold.fold.engine import FoldResult, Selector
 from bnfold.fold.graph import ValueSink
+from bnfold.onnxio.sink import DataSink
 from bnfold.onnxio.tensors import read_external
 
 
@@ -45,7 +46,9 @@ def fold_model(
         ModelLoadError: a tensor the fold reads does not match its dtype and shape, or
             its external data is unsafe or missing.
     """
-    reader = functools.partial(_read, base_dir=base_dir or os.getcwd())
+    base = base_dir or os.getcwd()
+    # Values the fold already handed to the writer's sink are read back from its file.
+    reader = sink.reader(base) if isinstance(sink, DataSink) else functools.partial(_read, base_dir=base)
     return engine.fold_model(
         model,
         freeze_initializer_inputs=freeze_initializer_inputs,

@@ -17,8 +17,9 @@ import bnfold
 from bnfold import api
 from bnfold.errors import ModelLoadError, OutputError
 from bnfold.fold import graph
+from bnfold.onnxio import copy, layout, protowire, tensors, writer
 from bnfold.onnxio import load as model_io
-from bnfold.onnxio import tensors, writer
+from bnfold.onnxio.sink import DataSink
 
 RNG = np.random.default_rng(7)
 
@@ -234,7 +235,9 @@ def test_stale_data_file_next_to_output_is_replaced(ext_model: str, tmp_path) ->
     assert r.returncode == 0, r.stderr
     assert_data_file_exact(out)
     assert_same_run(ext_model, out)
-    assert sorted(os.listdir(tmp_path)) == ["folded.onnx", "folded.onnx.data", "in"], "no temp files left"
+    # The new data file took a fresh name (the old pair stayed whole until the model's
+    # rename), and the stale data file of the replaced output is gone.
+    assert sorted(os.listdir(tmp_path)) == ["folded.onnx", "folded.onnx.1.data", "in"], "no temp files left"
 
 
 def test_output_data_file_name_collides_with_input_data(ext_model: str) -> None:
@@ -361,13 +364,14 @@ def test_untouched_data_file_is_never_read_by_the_fold(tmp_path) -> None:
 
 def test_write_streams_external_tensors_without_loading_them(ext_model: str, tmp_path, monkeypatch) -> None:
     m = model_io.load_model(ext_model)
-    monkeypatch.setattr(writer, "_CHUNK", 100)  # many small chunks
+    monkeypatch.setattr(copy, "CHUNK", 100)  # many small chunks
     monkeypatch.delattr(os, "copy_file_range", raising=False)
 
     def no_load(*a: object) -> None:
         raise AssertionError("an external tensor was loaded whole")
 
-    monkeypatch.setattr(writer, "read_external", no_load)
+    monkeypatch.setattr(copy, "read_external", no_load)
+    monkeypatch.setattr(tensors, "read_range", no_load)
     out = str(tmp_path / "copy.onnx")
     base = os.path.dirname(ext_model)
     writer.write_model(m, out, base_dir=base, size_threshold=64, check=True)
@@ -379,11 +383,11 @@ def test_data_sink_receives_folded_weights(ext_model: str, tmp_path) -> None:
     base = os.path.dirname(ext_model)
     m = model_io.load_model(ext_model)
     out = str(tmp_path / "sunk.onnx")
-    with writer.DataSink(out, size_threshold=64) as sink:
+    with DataSink(out, size_threshold=64) as sink:
         result = bnfold.fold_model(m, base_dir=base, copy=False, sink=sink)
         w = {t.name: t for t in result.model.graph.initializer}["conv2.w"]
         assert tensors.is_external(w), "a folded weight goes to the sink, not into the model"
-        assert graph.tensor_value(w, lambda t: tensors.read_external(t, base)).shape == (16, 16, 3, 3)
+        assert graph.tensor_value(w, sink.reader(base)).shape == (16, 16, 3, 3)
         written = writer.write_model(result.model, out, base_dir=base, external=True, size_threshold=64, sink=sink)
     assert written.data_path == out + ".data"
     assert sorted(os.listdir(tmp_path)) == ["in", "sunk.onnx", "sunk.onnx.data"]
@@ -393,7 +397,7 @@ def test_data_sink_receives_folded_weights(ext_model: str, tmp_path) -> None:
 
 def test_data_sink_is_removed_when_the_fold_fails(tmp_path) -> None:
     out = str(tmp_path / "x.onnx")
-    with pytest.raises(RuntimeError), writer.DataSink(out, size_threshold=0) as sink:
+    with pytest.raises(RuntimeError), DataSink(out, size_threshold=0) as sink:
         sink.put(onnx.TensorProto(), np.ones(1000, np.float32), "w")
         raise RuntimeError("boom")
     assert os.listdir(tmp_path) == []
@@ -402,7 +406,7 @@ def test_data_sink_is_removed_when_the_fold_fails(tmp_path) -> None:
 def test_failed_write_leaves_nothing(ext_model: str, tmp_path, monkeypatch) -> None:
     m = model_io.load_model(ext_model)
 
-    def broken(model: onnx.ModelProto, f: io.BufferedWriter) -> int:
+    def broken(model: onnx.ModelProto, f: io.BufferedWriter, *sink: object) -> int:
         f.write(b"partial")
         raise OSError(28, "No space left on device")
 
@@ -420,10 +424,12 @@ def test_failed_write_leaves_nothing(ext_model: str, tmp_path, monkeypatch) -> N
 
 def test_over_the_protobuf_limit_goes_external_automatically(tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(writer, "MAX_PROTOBUF", 10_000)  # a "2 GB" model in miniature
+    monkeypatch.setattr(layout, "MAX_PROTOBUF", 10_000)
     m = cnn()
-    assert writer.plan_layout(m, str(tmp_path)) == (True, True)
+    index = tensors.TensorIndex.build(m, str(tmp_path), "m")
+    assert layout.plan_layout(index) == (True, True)
     with pytest.raises(OutputError, match="over 2 GB"):
-        writer.plan_layout(m, str(tmp_path), external=False)
+        layout.plan_layout(index, external=False)
     res = writer.write_model(m, str(tmp_path / "big.onnx"), size_threshold=64)
     assert res.auto_external and res.data_path == str(tmp_path / "big.onnx.data")
 
@@ -432,7 +438,7 @@ def test_write_proto_is_byte_identical_to_serialize(models_dir: str) -> None:
     for name in sorted(os.listdir(models_dir)):
         m = onnx.load(os.path.join(models_dir, name))
         buf = io.BytesIO()
-        n = writer.write_proto(m, buf)
+        n = protowire.write_proto(m, buf)
         assert buf.getvalue() == m.SerializeToString() and n == len(buf.getvalue()), name
 
 
