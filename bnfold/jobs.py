@@ -277,7 +277,7 @@ def _reverify_hook(path: str, result: FoldResult, opts: FoldOptions, outcome: Mo
             options = dataclasses.replace(opts.verify_options or VerifyOptions(), save_io=None)
             checked = verify_fold(
                 path,
-                FoldResult(candidate, result.report),  # type: ignore[arg-type] - a path is a model source
+                FoldResult(candidate, result.report),  # type: ignore[arg-type]  # a path is a model source
                 options,
                 base_dir=os.path.dirname(os.path.abspath(path)),
                 freeze_initializer_inputs=opts.freeze_initializer_inputs,
@@ -308,7 +308,7 @@ def _verify_hook(path: str, result: FoldResult, opts: FoldOptions, outcome: Mode
 
             checked = verify_fold(
                 path,
-                FoldResult(candidate, result.report),  # type: ignore[arg-type] - a path is a model source
+                FoldResult(candidate, result.report),  # type: ignore[arg-type]  # a path is a model source
                 opts.verify_options,
                 keep_safe=opts.keep_safe,
                 base_dir=os.path.dirname(os.path.abspath(path)),

@@ -105,7 +105,7 @@ def fsync_dir(folder: str) -> None:
 
 def pwrite_all(fd: int, buf: np.ndarray | memoryview, offset: int) -> None:
     """Write all of ``buf`` at ``offset`` (in pieces of at most 1 GiB)."""
-    view = memoryview(buf).cast("B")
+    view = memoryview(buf).cast("B")  # type: ignore[arg-type]  # an ndarray is a buffer
     done = 0
     while done < len(view):
         n = os.pwrite(fd, view[done : done + (1 << 30)], offset + done)

@@ -87,9 +87,8 @@ def _tensor_size(t: TensorProto, sink: DataSink | None) -> int:
         copy_field(bare, fd, value)
     if not t.HasField("raw_data"):
         return len(bare.SerializeToString())
-    n = tensor_nbytes(t)
-    if n is None:
-        n = len(t.raw_data)
+    nbytes = tensor_nbytes(t)
+    n = len(t.raw_data) if nbytes is None else nbytes
     return len(bare.SerializeToString()) + 1 + len(_varint(n)) + n
 
 

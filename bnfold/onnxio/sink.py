@@ -200,7 +200,8 @@ class DataSink:
         finally:
             if self._thread is not None:
                 self._queue.put(None)
-                self._thread.join()
+                with contextlib.suppress(RuntimeError):  # a signal stopped start(): never started
+                    self._thread.join()
             os.close(self._fd)
             self._fd = None
 

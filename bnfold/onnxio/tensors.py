@@ -194,7 +194,8 @@ def external_ref(t: TensorProto, base_dir: str, stats: dict[str, os.stat_result]
 
 def external_data_files(model: onnx.ModelProto, base_dir: str) -> set[str]:
     """Real paths of the data files a model's external tensors point at (relative to ``base_dir``)."""
-    files, stats = set(), {}
+    files: set[str] = set()
+    stats: dict[str, os.stat_result] = {}
     for t, _ in model_tensors(model):
         if is_external(t):
             files.add(external_ref(t, base_dir, stats).path)
