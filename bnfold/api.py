@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import os
 from collections.abc import Collection
 
@@ -12,7 +11,7 @@ from bnfold.fold import engine
 from bnfold.fold.engine import FoldResult, Selector
 from bnfold.fold.graph import ValueSink
 from bnfold.onnxio.sink import DataSink
-from bnfold.onnxio.tensors import read_external
+from bnfold.onnxio.tensors import ExternalReader
 
 
 def fold_model(
@@ -48,7 +47,7 @@ def fold_model(
     """
     base = base_dir or os.getcwd()
     # Values the fold already handed to the writer's sink are read back from its file.
-    reader = sink.reader(base) if isinstance(sink, DataSink) else functools.partial(_read, base_dir=base)
+    reader = sink.reader(base) if isinstance(sink, DataSink) else ExternalReader(base)
     return engine.fold_model(
         model,
         freeze_initializer_inputs=freeze_initializer_inputs,
@@ -57,7 +56,3 @@ def fold_model(
         only=only,
         sink=sink,
     )
-
-
-def _read(t: onnx.TensorProto, base_dir: str) -> bytes:
-    return read_external(t, base_dir)

@@ -25,10 +25,10 @@ from bnfold.onnxio.fsutil import Temps, pwrite_all
 from bnfold.onnxio.layout import DEFAULT_SIZE_THRESHOLD
 from bnfold.onnxio.tensors import (
     PACKED_BITS,
+    ExternalReader,
     ExternalRef,
     external_entries,
     is_external,
-    read_external,
     read_range,
     refuse_big,
     set_external,
@@ -139,8 +139,10 @@ class DataSink:
     def reader(self, base_dir: str) -> Callable[[TensorProto], bytes]:
         """A reader for the fold core: this sink's tensors from its file, others validated from ``base_dir``."""
 
+        external = ExternalReader(base_dir)
+
         def read(t: TensorProto) -> bytes:
-            return self.read(t) if self.holds(t) else read_external(t, base_dir)
+            return self.read(t) if self.holds(t) else external(t)
 
         return read
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import stat
+import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -242,6 +243,60 @@ def read_range(path: str, offset: int, length: int) -> bytes:
                 got += len(more)
             data = b"".join(parts)
         return data
+
+
+def read_range_into(path: str, offset: int, buf: bytearray) -> None:
+    """Fill ``buf`` with ``len(buf)`` bytes of ``path`` from ``offset`` (unbuffered, large reads)."""
+    with open(path, "rb", buffering=0) as f:
+        f.seek(offset)
+        view, done = memoryview(buf), 0
+        while done < len(buf):
+            n = f.readinto(view[done:])
+            if not n:
+                raise ModelLoadError(f"{path}: external data ended early")
+            done += n
+
+
+# Element types whose raw bytes every reader views with ``np.frombuffer`` (so a reused
+# bytearray serves them as well as bytes do); others get bytes.
+_POOLED_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16}
+
+
+class ExternalReader:
+    """Reads a model's external tensors for one fold run, each validated by :func:`read_external`'s rules.
+
+    Big float weights are read into buffers reused once nothing refers to them any
+    more (a weight is read, folded into a new array and dropped, layer after layer),
+    so reading a model does not fault in and zero fresh memory for every weight.
+    """
+
+    MIN_POOLED = 1 << 20  # smaller reads are cheap as fresh bytes
+    MAX_FREE = 2  # free buffers kept for reuse
+
+    def __init__(self, base_dir: str) -> None:
+        self.base_dir = base_dir
+        self._buffers: list[bytearray] = []
+
+    def __call__(self, t: TensorProto) -> bytes:
+        ref = external_ref(t, self.base_dir)
+        refuse_big(t, ref.length)
+        if t.data_type not in _POOLED_TYPES or ref.length < self.MIN_POOLED:
+            return read_range(ref.path, ref.offset, ref.length)
+        buf = self._buffer(ref.length)
+        read_range_into(ref.path, ref.offset, buf)
+        return buf  # type: ignore[return-value]  # a bytes-like object that np.frombuffer views alike
+
+    def _buffer(self, n: int) -> bytearray:
+        free = [b for b in self._buffers if sys.getrefcount(b) <= 3]  # the list, ``b``, the call: unused
+        for b in free:
+            if len(b) == n:
+                return b
+        for b in free[: max(0, len(free) + 1 - self.MAX_FREE)]:
+            self._buffers.remove(b)  # keep a few free buffers, not every size ever read
+        del free
+        buf = bytearray(n)
+        self._buffers.append(buf)
+        return buf
 
 
 def human_size(n: int) -> str:
