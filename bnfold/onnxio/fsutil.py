@@ -231,17 +231,16 @@ def resolve_target(output: str) -> Target:
     return Target(real, st)
 
 
-def give_identity(path: str, old: os.stat_result | None, fallback_mode: int | None = None) -> None:
+def give_identity(path: str, old: os.stat_result | None) -> None:
     """Give a new file the mode and owner of the file it replaces (owner where allowed).
 
-    With no file replaced, ``fallback_mode`` (when given) is applied instead.
+    With no file replaced, the new file keeps the mode it was created with (0666 minus the umask).
     """
-    mode = stat.S_IMODE(old.st_mode) if old is not None else fallback_mode
-    if mode is not None:
-        with contextlib.suppress(OSError):
-            os.chmod(path, mode)
     if old is None:
         return
+    mode = stat.S_IMODE(old.st_mode)
+    with contextlib.suppress(OSError):
+        os.chmod(path, mode)
     st = os.stat(path)
     if (st.st_uid, st.st_gid) == (old.st_uid, old.st_gid):
         return
@@ -250,6 +249,6 @@ def give_identity(path: str, old: os.stat_result | None, fallback_mode: int | No
     except OSError:
         with contextlib.suppress(OSError):
             os.chown(path, -1, old.st_gid)  # a member of the group may keep the group
-    if mode is not None and mode & (stat.S_ISUID | stat.S_ISGID):
+    if mode & (stat.S_ISUID | stat.S_ISGID):
         with contextlib.suppress(OSError):
             os.chmod(path, mode)  # chown clears set-id bits

@@ -1,7 +1,7 @@
 """Loading and checking models: one clear error for every bad input, no weights copied.
 
 Loading never reads external tensor data: tensors stay references to the
-input's data files (validated by :func:`bnfold.onnxio.tensors.check_external_data`),
+input's data files (validated once, by :class:`bnfold.onnxio.tensors.TensorIndex`),
 and :func:`bnfold.fold.graph.tensor_value` reads the few that a fold needs.  The
 checker runs on a *skeleton* of the model, so it never serializes the weights.
 """
@@ -160,7 +160,7 @@ def skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
 
     The onnx checker (and shape inference) on the skeleton sees every node, graph,
     type and shape of the model without a copy of its weights.  (Whether embedded
-    tensors hold enough bytes is :func:`bnfold.onnxio.tensors.check_tensors`'s job.)
+    tensors hold enough bytes is :func:`bnfold.onnxio.tensors.check_tensor`'s job.)
     """
     sk = onnx.ModelProto()
     for fd, value in model.ListFields():

@@ -79,11 +79,6 @@ def is_external(t: TensorProto) -> bool:
     return t.HasField("data_location") and t.data_location == TensorProto.EXTERNAL
 
 
-def has_external_data(model: onnx.ModelProto) -> bool:
-    """True when any tensor of the model refers to an external data file."""
-    return any(is_external(t) for t, _ in model_tensors(model))
-
-
 def element_count(t: TensorProto) -> int:
     """Number of elements the tensor's dims declare (exact: Python ints never overflow)."""
     n = 1
@@ -399,11 +394,3 @@ class TensorIndex:
             entries.append(IndexEntry(t, is_init, nbytes, ref))
         real = frozenset(os.path.realpath(f) for f in files)
         return cls(base_dir, tuple(entries), real, bool(files), size)
-
-
-def check_external_data(model: onnx.ModelProto, base_dir: str) -> None:
-    """Validate every external reference of ``model`` (see :func:`external_ref`); reads no data."""
-    stats: dict[str, os.stat_result] = {}
-    for t, _ in model_tensors(model):
-        if is_external(t):
-            external_ref(t, base_dir, stats)
