@@ -14,7 +14,6 @@ from helpers import assert_close, op_count, random_feeds, run, run_cli
 from onnx import TensorProto, helper, numpy_helper
 
 import bnfold
-from bnfold import api
 from bnfold.errors import ModelLoadError, OutputError
 from bnfold.fold import graph
 from bnfold.onnxio import copy, layout, protowire, tensors, writer
@@ -328,13 +327,13 @@ def _split_model(tmp_path) -> tuple[str, str]:
 def test_fold_reads_only_the_tensors_it_changes(tmp_path, monkeypatch) -> None:
     src, _ = _split_model(tmp_path)
     reads: list[str] = []
-    real = api.read_external
+    real = tensors.ExternalReader.__call__
 
-    def counting(t: onnx.TensorProto, base_dir: str) -> bytes:
+    def counting(self: tensors.ExternalReader, t: onnx.TensorProto) -> bytes:
         reads.append(t.name)
-        return real(t, base_dir)
+        return real(self, t)
 
-    monkeypatch.setattr(api, "read_external", counting)
+    monkeypatch.setattr(tensors.ExternalReader, "__call__", counting)
     m = model_io.load_model(src)
     result = bnfold.fold_model(m, base_dir=str(tmp_path), copy=False)
     assert result.report.bn_folded == 2
