@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import os
 import secrets
 import stat
@@ -20,6 +19,11 @@ from typing import BinaryIO
 import numpy as np
 
 from bnfold.errors import OutputError
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: no locks (concurrent runs into one folder are then unguarded)
+    fcntl = None  # type: ignore[assignment]
 
 
 class Temps:
@@ -160,8 +164,9 @@ def folder_lock(folder: str) -> Iterator[None]:
         yield
         return
     try:
-        with contextlib.suppress(OSError):
-            fcntl.flock(fd, fcntl.LOCK_EX)
+        if fcntl is not None:
+            with contextlib.suppress(OSError):
+                fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
         os.close(fd)  # releases the lock
@@ -169,6 +174,8 @@ def folder_lock(folder: str) -> Iterator[None]:
 
 def lock_file(path: str) -> int | None:
     """Open ``path`` and hold a shared lock on it (a data file a run is still writing); its fd."""
+    if fcntl is None:
+        return None
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
     except OSError:
@@ -180,6 +187,8 @@ def lock_file(path: str) -> int | None:
 
 def is_locked(path: str) -> bool:
     """True when some live process holds a lock taken by :func:`lock_file` on ``path``."""
+    if fcntl is None:
+        return False
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
     except OSError:

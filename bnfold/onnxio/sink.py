@@ -34,6 +34,8 @@ from bnfold.onnxio.tensors import (
     set_external,
 )
 
+_datasync = getattr(os, "fdatasync", os.fsync)  # macOS has no fdatasync
+
 
 class DataSink:
     """A fresh file in the output folder that folded tensors are written to as they are made.
@@ -171,7 +173,7 @@ class DataSink:
                         # Flush to disk as we go (this thread only), so the final fsync has little left.
                         self._unsynced += buf.nbytes
                         if self._unsynced >= self._sync_every:
-                            os.fdatasync(self._fd)
+                            _datasync(self._fd)
                             self._unsynced = 0
             except OSError as e:
                 self._error = e
