@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import os
 from collections.abc import Callable, Collection, Mapping
 from typing import TYPE_CHECKING
@@ -12,7 +11,8 @@ import onnx
 from bnfold.fold import engine
 from bnfold.fold.engine import FoldResult, Selector
 from bnfold.fold.graph import ValueSink
-from bnfold.onnxio.tensors import read_external
+from bnfold.onnxio.sink import DataSink
+from bnfold.onnxio.tensors import ExternalReader
 
 if TYPE_CHECKING:
     from bnfold.jobs import ModelOutcome
@@ -157,7 +157,9 @@ def fold_model(
         model = load_model(path)
         base_dir = base_dir or os.path.dirname(os.path.abspath(path))
         copy = False  # a fresh model nobody else holds
-    reader = functools.partial(_read, base_dir=base_dir or os.getcwd())
+    base = base_dir or os.getcwd()
+    # Values the fold already handed to the writer's sink are read back from its file.
+    reader = sink.reader(base) if isinstance(sink, DataSink) else ExternalReader(base)
     return engine.fold_model(
         model,
         freeze_initializer_inputs=freeze_initializer_inputs,
@@ -166,7 +168,3 @@ def fold_model(
         only=only,
         sink=sink,
     )
-
-
-def _read(t: onnx.TensorProto, base_dir: str) -> bytes:
-    return read_external(t, base_dir)

@@ -32,9 +32,12 @@ from bnfold.errors import (
 )
 from bnfold.fold.engine import FoldResult
 from bnfold.fold.report import FoldReport
-from bnfold.onnxio.load import check_model, load_model
+from bnfold.onnxio.fsutil import Temps, resolve_target
+from bnfold.onnxio.layout import DEFAULT_SIZE_THRESHOLD, plan_layout
+from bnfold.onnxio.load import check_model, load_indexed, load_model
+from bnfold.onnxio.sink import staging
 from bnfold.onnxio.tensors import external_data_files
-from bnfold.onnxio.writer import DEFAULT_SIZE_THRESHOLD, DataSink, plan_layout, write_model
+from bnfold.onnxio.writer import WriteResult, write_model
 
 if TYPE_CHECKING:  # the verification stack is imported when a job verifies (--no-verify skips it)
     from bnfold.verify.blame import BlameResult, FoldVerification
@@ -257,23 +260,63 @@ def fold_job(path: str, output: str, opts: FoldOptions, progress: Progress | Non
             raise OutputError(f"{output}: output is the input file; use --in-place to replace it")
         base_dir = os.path.dirname(os.path.abspath(path))
         _phase(progress, "load", path)
-        model = load_model(path)
-        in_files = external_data_files(model, base_dir)
+        model, index = load_indexed(path)
+        in_files = set(index.data_files)
         if os.path.realpath(output) in in_files:
             raise OutputError(f"{output}: is a data file of the input model; choose another output name")
         outcome.data_files = sorted(in_files)
         refuse_side_files(path, in_files, opts.side_files)
-        if os.path.exists(output) and not opts.force and not opts.in_place:
+        if os.path.lexists(output) and not opts.force and not opts.in_place:
             raise OutputError(f"{output}: already exists; use --force to overwrite it")
+        resolve_target(output)  # a folder, device or FIFO is refused before any work
         outcome.size_before = disk_size(path, model, in_files)
-        external, auto = plan_layout(model, base_dir, opts.external_data)
+        external, auto = plan_layout(index, opts.external_data)
         outcome.auto_external = auto
         clock.lap("load")
         _phase(progress, "fold", path)
+        written = _fold_and_write(path, output, model, base_dir, in_files, external, opts, outcome, clock, progress)
+        if written is None:  # --in-place with nothing to fold: the file is left alone
+            clock.done()
+            return outcome
+        outcome.size_after = written.size
+        if written.data_path:
+            outcome.data_file = os.path.basename(written.data_path)
+        if written.other_links:
+            outcome.notes.append(
+                f"{output} had {written.other_links} other hard link(s): they keep the old file (as with sed -i)"
+            )
+        clock.lap("write")
+        # Verification ran inside the write (on the temp file): count it once.
+        outcome.timings["write"] -= outcome.timings.get("verify", 0.0)
+    except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 - every failure becomes data
+        _guard(outcome, opts.debug, e)
+    clock.done()
+    return outcome
+
+
+def _fold_and_write(
+    path: str,
+    output: str,
+    model: Any,
+    base_dir: str,
+    in_files: set[str],
+    external: bool,
+    opts: FoldOptions,
+    outcome: ModelOutcome,
+    clock: _Clock,
+    progress: Progress | None,
+) -> WriteResult | None:
+    """Fold into a sink next to the output, then write through the one verified write path.
+
+    Every output, the ``--keep-safe`` one included, is checked, written under a
+    temporary name, verified as written (by path) and only then renamed into place.
+    None: ``--in-place`` found nothing to fold and wrote nothing.
+    """
+    temps = Temps()  # every temporary file of this job: removed whatever interrupts it
+    try:
         # Folded weights go straight from numpy to a file next to the output: its data
         # file (external data), or a staging file the model file is streamed from.
-        sink = DataSink(output, size_threshold=opts.size_threshold, protect=in_files, durable=external)
-        with sink:
+        with staging(output, temps, size_threshold=opts.size_threshold, durable=external) as sink:
             result = fold_model(
                 model,
                 freeze_initializer_inputs=opts.freeze_initializer_inputs,
@@ -288,8 +331,7 @@ def fold_job(path: str, output: str, opts: FoldOptions, progress: Progress | Non
                 # Nothing to fold: leave the file alone (same inode, same mtime), as black does.
                 outcome.unchanged = True
                 outcome.size_after = outcome.size_before
-                clock.done()
-                return outcome
+                return None
             _phase(progress, "check", path)
             check_output(result.model, path, output)
             clock.lap("check")
@@ -299,27 +341,51 @@ def fold_job(path: str, output: str, opts: FoldOptions, progress: Progress | Non
                 base_dir=base_dir,
                 external=external,
                 size_threshold=opts.size_threshold,
-                protect=in_files,
+                protect=in_files if opts.in_place else in_files | {os.path.realpath(path)},
+                temps=temps,
             )
             # Shapes are checked once the model passed the full checker (its inputs are the input's).
             verify_options = resolve_input_shapes(path, result.model, opts) if opts.verify else None
             hook = _verify_hook(path, result, opts, verify_options, outcome, progress) if opts.verify else None
             _phase(progress, "write", path)
             try:
-                written = write(result.model, sink=sink, before_commit=hook)
+                return write(result.model, sink=sink, before_commit=hook)
             except _WriteSafeInstead as safe:
-                # Verification failed, but the model without the blamed folds passed.
-                written = write(safe.result.model)
-        outcome.size_after = written.size
-        if written.data_path:
-            outcome.data_file = os.path.basename(written.data_path)
-        clock.lap("write")
-        # Verification ran inside the write (on the temp file): count it once.
-        outcome.timings["write"] -= outcome.timings.get("verify", 0.0)
-    except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 - every failure becomes data
-        _guard(outcome, opts.debug, e)
-    clock.done()
-    return outcome
+                # Verification failed, but the model without the blamed folds passed: it is
+                # checked and verified again as written, like every output.
+                check_output(safe.result.model, path, output)
+                return write(
+                    safe.result.model, before_commit=_reverify_hook(path, safe.result, opts, verify_options, outcome)
+                )
+    finally:
+        temps.sweep()
+
+
+def _reverify_hook(
+    path: str, result: FoldResult, opts: FoldOptions, verify_options: VerifyOptions | None, outcome: ModelOutcome
+) -> Callable[[str], None]:
+    """A ``before_commit`` hook for the ``--keep-safe`` model: it must pass as written."""
+
+    def hook(candidate: str) -> None:
+        started = time.perf_counter()
+        try:
+            from bnfold.verify.foldcheck import verify_fold
+            from bnfold.verify.verifier import VerifyOptions
+
+            options = dataclasses.replace(verify_options or VerifyOptions(), save_io=None)
+            checked = verify_fold(
+                path,
+                FoldResult(candidate, result.report),  # type: ignore[arg-type]  # a path is a model source
+                options,
+                base_dir=os.path.dirname(os.path.abspath(path)),
+                freeze_initializer_inputs=opts.freeze_initializer_inputs,
+            )
+        finally:
+            outcome.timings["verify"] = outcome.timings.get("verify", 0.0) + time.perf_counter() - started
+        if not checked.report.passed:
+            raise VerificationError(f"{path}: verification of the --keep-safe model as written failed; nothing written")
+
+    return hook
 
 
 class _WriteSafeInstead(Exception):
@@ -520,8 +586,8 @@ def check_job(path: str, opts: FoldOptions, progress: Progress | None = None) ->
     clock = _Clock(outcome)
     try:
         _phase(progress, "load", path)
-        model = load_model(path)
-        in_files = external_data_files(model, os.path.dirname(os.path.abspath(path)))
+        model, index = load_indexed(path)
+        in_files = set(index.data_files)
         outcome.data_files = sorted(in_files)
         refuse_side_files(path, in_files, opts.side_files)
         outcome.size_before = disk_size(path, model, in_files)

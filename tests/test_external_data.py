@@ -14,11 +14,11 @@ from helpers import assert_close, op_count, random_feeds, run, run_cli
 from onnx import TensorProto, helper, numpy_helper
 
 import bnfold
-from bnfold import api
 from bnfold.errors import ModelLoadError, OutputError
 from bnfold.fold import graph
+from bnfold.onnxio import copy, layout, protowire, tensors, writer
 from bnfold.onnxio import load as model_io
-from bnfold.onnxio import tensors, writer
+from bnfold.onnxio.sink import DataSink
 
 RNG = np.random.default_rng(7)
 
@@ -234,7 +234,9 @@ def test_stale_data_file_next_to_output_is_replaced(ext_model: str, tmp_path) ->
     assert r.returncode == 0, r.stderr
     assert_data_file_exact(out)
     assert_same_run(ext_model, out)
-    assert sorted(os.listdir(tmp_path)) == ["folded.onnx", "folded.onnx.data", "in"], "no temp files left"
+    # The new data file took a fresh name (the old pair stayed whole until the model's
+    # rename), and the stale data file of the replaced output is gone.
+    assert sorted(os.listdir(tmp_path)) == ["folded.onnx", "folded.onnx.1.data", "in"], "no temp files left"
 
 
 def test_output_data_file_name_collides_with_input_data(ext_model: str) -> None:
@@ -325,13 +327,13 @@ def _split_model(tmp_path) -> tuple[str, str]:
 def test_fold_reads_only_the_tensors_it_changes(tmp_path, monkeypatch) -> None:
     src, _ = _split_model(tmp_path)
     reads: list[str] = []
-    real = api.read_external
+    real = tensors.ExternalReader.__call__
 
-    def counting(t: onnx.TensorProto, base_dir: str) -> bytes:
+    def counting(self: tensors.ExternalReader, t: onnx.TensorProto) -> bytes:
         reads.append(t.name)
-        return real(t, base_dir)
+        return real(self, t)
 
-    monkeypatch.setattr(api, "read_external", counting)
+    monkeypatch.setattr(tensors.ExternalReader, "__call__", counting)
     m = model_io.load_model(src)
     result = bnfold.fold_model(m, base_dir=str(tmp_path), copy=False)
     assert result.report.bn_folded == 2
@@ -361,13 +363,14 @@ def test_untouched_data_file_is_never_read_by_the_fold(tmp_path) -> None:
 
 def test_write_streams_external_tensors_without_loading_them(ext_model: str, tmp_path, monkeypatch) -> None:
     m = model_io.load_model(ext_model)
-    monkeypatch.setattr(writer, "_CHUNK", 100)  # many small chunks
+    monkeypatch.setattr(copy, "CHUNK", 100)  # many small chunks
     monkeypatch.delattr(os, "copy_file_range", raising=False)
 
     def no_load(*a: object) -> None:
         raise AssertionError("an external tensor was loaded whole")
 
-    monkeypatch.setattr(writer, "read_external", no_load)
+    monkeypatch.setattr(copy, "read_external", no_load)
+    monkeypatch.setattr(tensors, "read_range", no_load)
     out = str(tmp_path / "copy.onnx")
     base = os.path.dirname(ext_model)
     writer.write_model(m, out, base_dir=base, size_threshold=64, check=True)
@@ -379,11 +382,11 @@ def test_data_sink_receives_folded_weights(ext_model: str, tmp_path) -> None:
     base = os.path.dirname(ext_model)
     m = model_io.load_model(ext_model)
     out = str(tmp_path / "sunk.onnx")
-    with writer.DataSink(out, size_threshold=64) as sink:
+    with DataSink(out, size_threshold=64) as sink:
         result = bnfold.fold_model(m, base_dir=base, copy=False, sink=sink)
         w = {t.name: t for t in result.model.graph.initializer}["conv2.w"]
         assert tensors.is_external(w), "a folded weight goes to the sink, not into the model"
-        assert graph.tensor_value(w, lambda t: tensors.read_external(t, base)).shape == (16, 16, 3, 3)
+        assert graph.tensor_value(w, sink.reader(base)).shape == (16, 16, 3, 3)
         written = writer.write_model(result.model, out, base_dir=base, external=True, size_threshold=64, sink=sink)
     assert written.data_path == out + ".data"
     assert sorted(os.listdir(tmp_path)) == ["in", "sunk.onnx", "sunk.onnx.data"]
@@ -393,7 +396,7 @@ def test_data_sink_receives_folded_weights(ext_model: str, tmp_path) -> None:
 
 def test_data_sink_is_removed_when_the_fold_fails(tmp_path) -> None:
     out = str(tmp_path / "x.onnx")
-    with pytest.raises(RuntimeError), writer.DataSink(out, size_threshold=0) as sink:
+    with pytest.raises(RuntimeError), DataSink(out, size_threshold=0) as sink:
         sink.put(onnx.TensorProto(), np.ones(1000, np.float32), "w")
         raise RuntimeError("boom")
     assert os.listdir(tmp_path) == []
@@ -402,7 +405,7 @@ def test_data_sink_is_removed_when_the_fold_fails(tmp_path) -> None:
 def test_failed_write_leaves_nothing(ext_model: str, tmp_path, monkeypatch) -> None:
     m = model_io.load_model(ext_model)
 
-    def broken(model: onnx.ModelProto, f: io.BufferedWriter) -> int:
+    def broken(model: onnx.ModelProto, f: io.BufferedWriter, *sink: object) -> int:
         f.write(b"partial")
         raise OSError(28, "No space left on device")
 
@@ -420,10 +423,12 @@ def test_failed_write_leaves_nothing(ext_model: str, tmp_path, monkeypatch) -> N
 
 def test_over_the_protobuf_limit_goes_external_automatically(tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(writer, "MAX_PROTOBUF", 10_000)  # a "2 GB" model in miniature
+    monkeypatch.setattr(layout, "MAX_PROTOBUF", 10_000)
     m = cnn()
-    assert writer.plan_layout(m, str(tmp_path)) == (True, True)
+    index = tensors.TensorIndex.build(m, str(tmp_path), "m")
+    assert layout.plan_layout(index) == (True, True)
     with pytest.raises(OutputError, match="over 2 GB"):
-        writer.plan_layout(m, str(tmp_path), external=False)
+        layout.plan_layout(index, external=False)
     res = writer.write_model(m, str(tmp_path / "big.onnx"), size_threshold=64)
     assert res.auto_external and res.data_path == str(tmp_path / "big.onnx.data")
 
@@ -432,7 +437,7 @@ def test_write_proto_is_byte_identical_to_serialize(models_dir: str) -> None:
     for name in sorted(os.listdir(models_dir)):
         m = onnx.load(os.path.join(models_dir, name))
         buf = io.BytesIO()
-        n = writer.write_proto(m, buf)
+        n = protowire.write_proto(m, buf)
         assert buf.getvalue() == m.SerializeToString() and n == len(buf.getvalue()), name
 
 
@@ -508,3 +513,33 @@ def test_embedded_output_streams_staged_weights_byte_for_byte(tmp_path) -> None:
     expected = bnfold.fold_model(onnx.load(src)).model.SerializeToString()
     assert out.read_bytes() == expected
     assert os.listdir(out.parent) == ["folded.onnx"]
+
+
+def test_reader_reuses_a_buffer_only_once_nothing_refers_to_it(tmp_path) -> None:
+    """Big weights are read into reused buffers, never one still in use (issue 14: no fresh pages per weight)."""
+    rng = np.random.default_rng(3)
+    values = [rng.standard_normal((1 << 18,)).astype(np.float32) for _ in range(3)]  # 1 MiB each
+    inits = [numpy_helper.from_array(v, f"w{i}") for i, v in enumerate(values)]
+    g = helper.make_graph([], "g", [], [helper.make_tensor_value_info("w0", TensorProto.FLOAT, [1 << 18])], inits)
+    path = str(tmp_path / "m.onnx")
+    save_external(helper.make_model(g), path)
+    m = model_io.load_model(path, check=False)
+    read = tensors.ExternalReader(str(tmp_path))
+    ts = list(m.graph.initializer)
+    first = graph.tensor_value(ts[0], read)
+    second = graph.tensor_value(ts[1], read)  # ``first`` is alive: a new buffer
+    # (plain variables: pytest's assertion rewriting would keep ``second`` alive)
+    second_ok, second_id = bool(np.array_equal(second, values[1])), _buffer_id(second)
+    del second
+    third = graph.tensor_value(ts[2], read)  # ``second``'s buffer is free now: reused
+    assert second_ok and second_id != _buffer_id(first)
+    assert _buffer_id(third) == second_id
+    assert np.array_equal(first, values[0]) and np.array_equal(third, values[2])
+
+
+def _buffer_id(a: np.ndarray) -> int:
+    """id of the object that owns an array's memory (no reference to it is kept)."""
+    while isinstance(a.base, np.ndarray):
+        a = a.base
+    owner = a.base.obj if isinstance(a.base, memoryview) else a.base
+    return id(owner)

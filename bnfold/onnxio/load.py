@@ -1,7 +1,7 @@
 """Loading and checking models: one clear error for every bad input, no weights copied.
 
 Loading never reads external tensor data: tensors stay references to the
-input's data files (validated by :func:`bnfold.onnxio.tensors.check_external_data`),
+input's data files (validated once, by :class:`bnfold.onnxio.tensors.TensorIndex`),
 and :func:`bnfold.fold.graph.tensor_value` reads the few that a fold needs.  The
 checker runs on a *skeleton* of the model, so it never serializes the weights.
 """
@@ -9,14 +9,19 @@ checker runs on a *skeleton* of the model, so it never serializes the weights.
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Iterable
 
 import onnx
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError  # type: ignore[import-untyped]
 from onnx import TensorProto
 
 from bnfold.errors import ModelLoadError
-from bnfold.onnxio.tensors import check_external_data, check_tensors, is_external, tensor_nbytes
+from bnfold.onnxio.tensors import TensorIndex, human_size, is_external, tensor_nbytes
+
+#: Largest message protobuf can serialize or parse (``onnx.checker.MAXIMUM_PROTOBUF``):
+#: no model file can be bigger (its weights beyond that belong in external data).
+MAX_PROTOBUF = 2**31 - 1
 
 # Location of the data-less stand-ins used to check a model's structure in memory:
 # onnx's checker does not look for files whose location starts with '#'.
@@ -30,12 +35,24 @@ def load_model(path: str, *, check: bool = True) -> onnx.ModelProto:
     model's folder; their locations and bounds are validated here, their bytes are
     read only when a fold needs them.
     """
+    return load_indexed(path, check=check)[0]
+
+
+def load_indexed(path: str, *, check: bool = True) -> tuple[onnx.ModelProto, TensorIndex]:
+    """:func:`load_model`, with the :class:`TensorIndex` its checks built (one walk over the tensors)."""
     if not os.path.exists(path):
         raise ModelLoadError(f"{path}: no such file")
     if os.path.isdir(path):
         raise ModelLoadError(f"{path}: is a folder, not a model file")
-    if os.path.getsize(path) == 0:
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise ModelLoadError(f"{path}: not a regular file")
+    size = os.path.getsize(path)
+    if size == 0:
         raise ModelLoadError(f"{path}: empty file")
+    if size > MAX_PROTOBUF:  # protobuf could not parse it, and reading it would take all that memory
+        raise ModelLoadError(
+            f"{path}: not an ONNX model: {human_size(size)} is over protobuf's 2 GiB limit for a model file"
+        )
     try:
         model = onnx.load(path, load_external_data=False)
     except (DecodeError, RuntimeError, ValueError) as e:
@@ -45,14 +62,11 @@ def load_model(path: str, *, check: bool = True) -> onnx.ModelProto:
     if not model.HasField("graph") or not model.ir_version:
         raise ModelLoadError(f"{path}: not an ONNX model (no graph or IR version)")
     check_opsets(model, path)
-    check_tensors(model, path)
-    try:
-        check_external_data(model, os.path.dirname(os.path.abspath(path)))  # before a byte is read
-    except ModelLoadError as e:
-        raise ModelLoadError(f"{path}: cannot read external data: {e}") from e
+    # Every tensor checked and every external reference validated, before a byte is read.
+    index = TensorIndex.build(model, os.path.dirname(os.path.abspath(path)), path)
     if check:
         check_model(model, path)
-    return model
+    return model, index
 
 
 def check_opsets(model: onnx.ModelProto, label: str) -> None:
@@ -146,7 +160,7 @@ def skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
 
     The onnx checker (and shape inference) on the skeleton sees every node, graph,
     type and shape of the model without a copy of its weights.  (Whether embedded
-    tensors hold enough bytes is :func:`bnfold.onnxio.tensors.check_tensors`'s job.)
+    tensors hold enough bytes is :func:`bnfold.onnxio.tensors.check_tensor`'s job.)
     """
     sk = onnx.ModelProto()
     for fd, value in model.ListFields():
