@@ -40,7 +40,8 @@ from bnfold.onnxio.tensors import external_data_files
 from bnfold.onnxio.writer import WriteResult, write_model
 
 if TYPE_CHECKING:  # the verification stack is imported when a job verifies (--no-verify skips it)
-    from bnfold.verify.blame import BlameResult, FoldVerification
+    from bnfold.verify.blame import BlameResult
+    from bnfold.verify.foldcheck import FoldVerification
     from bnfold.verify.verifier import VerifyOptions, VerifyReport
 
 log = logging.getLogger("bnfold")
@@ -152,6 +153,7 @@ class ModelOutcome:
     data_file: str | None = None  # name of the output's external data file
     unchanged: bool = False  # --in-place with nothing to fold: the file was not touched
     data_files: list[str] = field(default_factory=list)  # real paths of the input's external data files
+    other_links: int = 0  # other hard links of the replaced output (they keep the old file)
     # The exception behind ``error`` (in-process callers such as bnfold.fold_file re-raise it).
     exception: BaseException | None = field(default=None, repr=False, compare=False)
 
@@ -281,10 +283,7 @@ def fold_job(path: str, output: str, opts: FoldOptions, progress: Progress | Non
         outcome.size_after = written.size
         if written.data_path:
             outcome.data_file = os.path.basename(written.data_path)
-        if written.other_links:
-            outcome.notes.append(
-                f"{output} had {written.other_links} other hard link(s): they keep the old file (as with sed -i)"
-            )
+        outcome.other_links = written.other_links
         clock.lap("write")
         # Verification ran inside the write (on the temp file): count it once.
         outcome.timings["write"] -= outcome.timings.get("verify", 0.0)

@@ -12,6 +12,7 @@ from onnx import TensorProto, helper
 from verify_builders import bn, bn_params, conv_chain, two_outputs, weight
 
 import bnfold
+from bnfold.cli.render import blame_lines
 from bnfold.fold import math as fold_math
 from bnfold.fold.report import Reason
 from bnfold.verify.blame import find_culprits, fold_subset
@@ -66,7 +67,7 @@ def test_corrupted_fold_is_caught_and_blamed_on_its_bn(corrupt_bn) -> None:
     assert fv.blame.culprits[0].pattern == "Conv+BatchNormalization"
     assert fv.blame.groups == []
     assert fv.blame.safe_passed
-    text = "\n".join(fv.summary_lines())
+    text = "\n".join(blame_lines(fv.blame))
     assert "bn2" in text and "Conv+BatchNormalization" in text and "bn1 " not in text
     # bisection, not one run per fold and subset: 4 folds, 1 culprit
     assert fv.blame.checks <= 6
@@ -184,7 +185,7 @@ def test_search_stops_at_its_budget() -> None:
     folds = bnfold.fold_model(m).report.folds
     res = find_culprits(m, folds, _OracleVerifier(bad={"bn1", "bn6", "bn10"}), max_checks=3)  # type: ignore[arg-type]
     assert res.exhausted and res.checks == 3 and res.safe is None
-    assert any("stopped" in line for line in res.summary_lines())
+    assert any("stopped" in line for line in blame_lines(res))
 
 
 # ---------------------------------------------------------------------------
@@ -285,4 +286,4 @@ def test_blame_inside_an_if_branch(corrupt_bn) -> None:
     fv = verify_fold(m, result, opts, keep_safe=True)
     assert [(f.node, f.graph) for f in fv.blame.culprits] == [("bn_inner", "main/branch.then_branch")]
     assert fv.kept_safe
-    assert "in main/branch.then_branch" in "\n".join(fv.summary_lines())
+    assert "in main/branch.then_branch" in "\n".join(blame_lines(fv.blame))

@@ -99,7 +99,7 @@ def test_well_conditioned_models_take_the_fast_path(monkeypatch) -> None:
 def test_ill_conditioned_correct_folds_pass(name: str) -> None:
     m = ILL_CONDITIONED[name](0)
     fv = verify_fold(m, bnfold.fold_model(m))
-    assert fv.ok and fv.blame is None, fv.summary_lines()
+    assert fv.ok and fv.blame is None, fv.report.to_dict()
 
 
 @pytest.mark.parametrize("seed", [0, 2])
@@ -137,7 +137,7 @@ def test_softmax_classifier_wrong_folds_are_caught(depthwise: bool, seed: int) -
         rep = v.decide(out)
         floor = v.noise_floors()["y"]
         if rep.rows[0].max_abs > floor:  # every wrong fold that moves the output beyond rounding
-            assert not rep.passed, (name, rep.summary_lines())
+            assert not rep.passed, (name, rep.to_dict())
         missed_by_fixed += verify_models(m, wrong, VerifyOptions(calibrate=False)).passed
     assert v.ref_outputs[0][0].max() < 0.1  # outputs peak near 1/200
     if not depthwise:
@@ -160,7 +160,7 @@ def test_noise_fed_detector_wrong_folds_are_caught() -> None:
         # Beyond 3x the floor a wrong fold is never taken for rounding; within it, it moves the
         # (near-zero) outputs of a noise-fed detector no more than rounding does.
         if rep.rows[0].max_abs > 3 * floor:
-            assert not rep.passed, (name, rep.summary_lines())
+            assert not rep.passed, (name, rep.to_dict())
         caught += not rep.passed
     assert caught >= len(chosen) // 2
 

@@ -453,8 +453,8 @@ def test_hostile_constant_subgraph_is_left_with_a_reason():
     reasons = {s.op_type: s.reason for s in (*result.report.skips, *result.report.affine_skips)}
     assert reasons == {"BatchNormalization": Reason.CONSTANT_TOO_LARGE, "Mul": Reason.CONSTANT_TOO_LARGE}
     assert not result.report.folds
-    text = "\n".join(result.report.summary_lines())
-    assert "constant_too_large" in text and "bound" in text
+    messages = " ".join(s.message for s in (*result.report.skips, *result.report.affine_skips))
+    assert "bound" in messages
 
 
 def test_same_subgraph_under_the_bound_folds():

@@ -217,7 +217,7 @@ def _left(model: onnx.ModelProto, reason: Reason, bn: bool = True) -> None:
     result = bnfold.fold_model(model)
     rep = result.report
     left = rep.skips if bn else rep.affine_skips
-    assert rep.folds == [] and [s.reason for s in left] == [reason], rep.summary_lines()
+    assert rep.folds == [] and [s.reason for s in left] == [reason], rep.to_dict()
     assert result.model.SerializeToString() == model.SerializeToString()
 
 

@@ -191,7 +191,7 @@ def test_conv_through_random_layout_path(c, group, hw, data, affine, wrong_axis,
     else:
         assert rep.folds == []
         left = rep.skips if affine == "BatchNormalization" else rep.affine_skips
-        assert [s.reason for s in left] == [expect], rep.summary_lines()
+        assert [s.reason for s in left] == [expect], rep.to_dict()
         assert result.model.SerializeToString() == model.SerializeToString()
 
 
@@ -419,7 +419,7 @@ def _left(model: onnx.ModelProto, reason: Reason, bn: bool = True) -> bnfold.Fol
     result = bnfold.fold_model(model)
     rep = result.report
     left = rep.skips if bn else rep.affine_skips
-    assert rep.folds == [] and [s.reason for s in left] == [reason], rep.summary_lines()
+    assert rep.folds == [] and [s.reason for s in left] == [reason], rep.to_dict()
     assert result.model.SerializeToString() == model.SerializeToString()
     return result
 

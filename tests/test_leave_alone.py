@@ -20,8 +20,8 @@ def left_alone(model: onnx.ModelProto, reason: Reason, *, check: bool = True, **
     """Fold; the single BN must be left with ``reason`` and the model must come back byte-identical."""
     result = bnfold.fold_model(model, **kwargs)
     rep = result.report
-    assert rep.bn_folded == 0 and rep.folds == [], rep.summary_lines()
-    assert [s.reason for s in rep.skips] == [reason], rep.summary_lines()
+    assert rep.bn_folded == 0 and rep.folds == [], rep.to_dict()
+    assert [s.reason for s in rep.skips] == [reason], rep.to_dict()
     assert rep.skips[0].message, "every skip carries a sentence"
     assert result.model.SerializeToString() == model.SerializeToString()
     if check:

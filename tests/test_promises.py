@@ -16,15 +16,15 @@ import sys
 import numpy as np
 import onnx
 import pytest
+from builders import corrupt_rule
 from click.testing import CliRunner
 from helpers import assert_close, random_feeds, run, run_cli
 from onnx import TensorProto, helper
 from verify_builders import conv_chain
 
-import bnfold.verify.blame
+import bnfold.verify.foldcheck
 from bnfold.cli.commands import main
 from bnfold.errors import ExitCode
-from bnfold.fold import rules
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -81,15 +81,13 @@ def pair(tmp_path):
 @pytest.fixture
 def corrupt_bn1(monkeypatch) -> None:
     """A fold that gets bn1 wrong: verification fails (exit 3)."""
-    original = rules.PRODUCER_FOLDS["Conv"]
 
-    def wrong(view, aff, conv):
-        if aff.node.name == "bn1":
-            aff.s = np.array(aff.s, dtype=np.float64, copy=True)
-            aff.s[0] *= 2.0
-        return original(view, aff, conv)
+    def spoil(site):
+        if site.aff.node.name == "bn1":
+            site.aff.s = np.array(site.aff.s, dtype=np.float64, copy=True)
+            site.aff.s[0] *= 2.0
 
-    monkeypatch.setitem(rules.PRODUCER_FOLDS, "Conv", wrong)
+    corrupt_rule(monkeypatch, "Conv+BatchNormalization", spoil)
 
 
 # ---------------------------------------------------------------------------
@@ -115,7 +113,6 @@ def test_output_data_file_name_is_the_input_model(tmp_path) -> None:
 def test_force_keeps_the_old_pair_when_verification_fails(pair, corrupt_bn1, monkeypatch) -> None:
     src, out, expected = pair
     folder = os.path.dirname(out)
-    monkeypatch.chdir(folder)  # blame re-reads external data from the cwd (issue 15, the verify side)
     before = digest(folder)
     r = invoke("fold", src, "-o", out, "--force")
     assert r.exit_code == ExitCode.VERIFY_FAILED, r.output
@@ -147,7 +144,7 @@ def test_force_keeps_the_old_pair_when_interrupted_during_verification(pair, mon
         seen.append(sorted(os.listdir(folder)))  # the new data file is complete: the old one must be too
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(bnfold.verify.blame, "verify_fold", interrupted)
+    monkeypatch.setattr(bnfold.verify.foldcheck, "verify_fold", interrupted)
     r = invoke("fold", src, "-o", out, "--force")
     assert r.exit_code == ExitCode.INTERRUPTED, r.output
     assert seen and "out.onnx.data" in seen[0]
@@ -161,7 +158,7 @@ def test_sigkill_during_verification_leaves_the_old_pair(pair) -> None:
     before = digest(folder)
     script = (
         "import os, signal, sys\n"
-        "import bnfold.verify.blame as b\n"
+        "import bnfold.verify.foldcheck as b\n"
         "b.verify_fold = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)\n"
         "from bnfold.cli import main\n"
         "sys.argv = ['bnfold', 'fold', sys.argv[1], '-o', sys.argv[2], '--force']\n"
@@ -384,11 +381,10 @@ def test_dims_whose_product_overflows_a_float_are_refused(tmp_path) -> None:
 
 
 def test_keep_safe_output_is_the_bytes_that_were_verified(tmp_path, corrupt_bn1, monkeypatch) -> None:
-    monkeypatch.chdir(tmp_path)  # blame re-reads external data from the cwd (issue 15, the verify side)
     src = save_ext(conv_chain(channels=(3, 8, 8, 4)), str(tmp_path / "in.onnx"))
     out = str(tmp_path / "out.onnx")
     verified: list[tuple[str, str]] = []
-    real = bnfold.verify.blame.verify_fold
+    real = bnfold.verify.foldcheck.verify_fold
 
     def recording(original, result, *a, **kw):
         checked = real(original, result, *a, **kw)
@@ -397,7 +393,7 @@ def test_keep_safe_output_is_the_bytes_that_were_verified(tmp_path, corrupt_bn1,
             verified.append((hashlib.sha256(m.SerializeToString()).hexdigest(), str(checked.report.passed)))
         return checked
 
-    monkeypatch.setattr(bnfold.verify.blame, "verify_fold", recording)
+    monkeypatch.setattr(bnfold.verify.foldcheck, "verify_fold", recording)
     r = invoke("fold", src, "-o", out, "--keep-safe")
     assert r.exit_code == 0, r.output
     written = onnx.load(out, load_external_data=False)

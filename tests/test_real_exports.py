@@ -179,7 +179,7 @@ def test_every_foldable_bn_folds_and_the_rest_is_left_for_its_reason(name: str) 
     n_bn = sum(n.op_type == "BatchNormalization" for n in model.graph.node)
     assert report.bn_count == n_bn
     assert report.bn_folded + len(report.skips) == n_bn
-    assert report.bn_folded == sum(want.patterns.values()), report.summary_lines()
+    assert report.bn_folded == sum(want.patterns.values()), report.to_dict()
     patterns = Counter(f.pattern for f in report.folds if f.op_type == "BatchNormalization")
     assert patterns == Counter(want.patterns)
     assert {bn_module(model, s.node): s.reason.value for s in report.skips} == want.left

@@ -21,6 +21,7 @@ from verify_builders import (
 )
 
 import bnfold
+from bnfold.cli.render import report_lines
 from bnfold.errors import ExitCode, NotVerifiableError
 from bnfold.verify import evaluator as reference
 from bnfold.verify import runners
@@ -108,7 +109,7 @@ def test_correct_folds_of_the_samples_pass(models_dir: str, name: str) -> None:
     path = os.path.join(models_dir, name)
     folded = bnfold.fold_model(onnx.load(path)).model
     report = verify_models(path, folded)
-    assert report.passed, report.summary_lines()
+    assert report.passed, report_lines(report)
     assert report.engine == "onnxruntime" and len(report.sources) == 3
 
 
@@ -120,7 +121,7 @@ def test_one_wrong_channel_fails_the_defaults() -> None:
     assert not report.passed
     (row,) = report.failing
     assert row.name == "output" and row.max_abs > 1e-2 and row.min_atol > 1e-2
-    assert "FAIL" in "\n".join(report.summary_lines())
+    assert "FAIL" in "\n".join(report_lines(report))
 
 
 def test_rounding_amplifying_model_passes_the_defaults_but_not_atol_1e4() -> None:
@@ -156,7 +157,7 @@ def test_weak_comparison_is_flagged() -> None:
                 t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t) * np.float32(1e-5), name))
     report = verify_models(scaled, scaled, VerifyOptions(calibrate=False))  # fixed tolerances: atol decides
     assert report.passed and report.rows[0].weak
-    assert any("warning" in line and "--inputs" in line for line in report.summary_lines())
+    assert any("warning" in line and "--inputs" in line for line in report_lines(report))
 
 
 # ---------------------------------------------------------------------------
@@ -181,7 +182,7 @@ def test_integer_and_bool_inputs_and_outputs() -> None:
     m = int_bool_model()
     folded = bnfold.fold_model(m).model
     report = verify_models(m, folded)
-    assert report.passed, report.summary_lines()
+    assert report.passed, report_lines(report)
     rows = {r.name: r for r in report.rows}
     assert rows["argmax"].dtype == "int64" and (rows["argmax"].atol, rows["argmax"].rtol) == (0.0, 0.0)
     assert rows["inverse"].dtype == "bool"
@@ -213,7 +214,7 @@ def test_float64_and_bfloat16_conv_fall_back_to_the_numpy_reference(dtype) -> No
     m = conv_chain(dtype=dtype, opset=22)
     folded = bnfold.fold_model(m).model
     report = verify_models(m, folded)
-    assert report.engine == "reference" and report.passed, report.summary_lines()
+    assert report.engine == "reference" and report.passed, report_lines(report)
     assert any("numpy reference" in n for n in report.notes)
     wrong = scale_channel(folded, _folded_weight(folded, "conv1"), channel=1, factor=1.5)
     assert not verify_models(m, wrong).passed

@@ -284,4 +284,4 @@ def test_calibration_of_an_external_data_model_run_from_elsewhere(tmp_path, monk
     monkeypatch.chdir(tmp_path)
     folded = bnfold.fold_model(onnx.load(path, load_external_data=False), base_dir=str(src)).model
     report = verify_models(path, folded, base_dir=str(src))
-    assert report.passed and report.rows[0].decision == "calibrated", report.summary_lines()
+    assert report.passed and report.rows[0].decision == "calibrated", report.to_dict()

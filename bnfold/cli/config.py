@@ -73,7 +73,7 @@ def _toml() -> Any:
     if sys.version_info >= (3, 11):
         import tomllib
     else:  # pragma: no cover - Python 3.10 (tomli is a dependency there)
-        import tomli as tomllib
+        import tomli as tomllib  # type: ignore[import-not-found, unused-ignore]
     return tomllib
 
 

@@ -208,6 +208,8 @@ def notes(o: ModelOutcome) -> list[str]:
         out.append(f"external data: {o.data_file}")
     if o.unchanged:
         out.append("nothing to fold: the file was left unchanged")
+    if o.other_links:
+        out.append(f"{clean(o.output)} had {o.other_links} other hard link(s): they keep the old file (as with sed -i)")
     if o.grew:
         out.append(
             f"the output is {o.size_growth:.1f}x the input ({size(o.size_before)} -> {size(o.size_after)}): "
@@ -222,7 +224,7 @@ def verification_lines(v: Verification, reference: str, candidate: str, verbose:
     lines = [_verify_head(v.report, names)]
     lines += _rows(v.report, verbose or not v.report.passed or len(v.report.rows) <= ROWS_SHOWN)
     if v.blame is not None:
-        lines += [clean(line) for line in v.blame.summary_lines()]
+        lines += blame_lines(v.blame)
         if v.kept_safe and v.blame.safe_report is not None:
             excluded = ", ".join(clean(f.node) for f in v.blame.excluded)
             lines.append(_verify_head(v.blame.safe_report, f"{names}, without {excluded}"))
@@ -231,10 +233,45 @@ def verification_lines(v: Verification, reference: str, candidate: str, verbose:
     return lines
 
 
+def blame_lines(blame: Any) -> list[str]:
+    """Each culprit fold with the output it breaks worst; folds that fail only together."""
+    n = len(blame.culprits)
+    lines = [f"blame: {n} fold(s) break verification on their own ({blame.checks} verification runs)"]
+    for f in blame.culprits:
+        where = "" if f.graph == "main" else f" in {clean(f.graph)}"
+        what = f"{clean(f.node)} ({f.op_type}{where}) folded into {clean(f.target)} as {f.pattern}"
+        lines.append(f"  {what}{_worst(blame.culprit_reports.get((f.graph, f.node)))}")
+    for group in blame.groups:
+        lines.append(f"  {len(group)} folds fail only together: " + ", ".join(clean(f.node) for f in group))
+    if blame.exhausted:
+        lines.append(f"  (stopped after {blame.checks} runs: the list may be incomplete)")
+    if blame.safe_report is not None:
+        verdict = "passes" if blame.safe_report.passed else "still FAILS"
+        lines.append(f"  the model without these folds {verdict} verification")
+    return lines
+
+
+def _worst(rep: Any) -> str:
+    if rep is None:
+        return ""
+    if rep.error:
+        return f": {clean(rep.error)}"
+    bad = rep.failing
+    if not bad:
+        return ""
+    r = max(bad, key=lambda r: r.max_abs / r.atol if r.atol > 0 else r.max_abs)
+    return f": output '{clean(r.name)}' max abs error {r.max_abs:.3g} ({_rule(r)})"
+
+
+def report_lines(rep: Any) -> list[str]:
+    """Every line of one comparison (a :class:`~bnfold.verify.report.VerifyReport`), every output shown."""
+    return [_verify_head(rep, ""), *_rows(rep, True)]
+
+
 def _verify_head(rep: Any, names: str) -> str:
     engine = "onnxruntime, ORT_DISABLE_ALL" if rep.engine == "onnxruntime" else "bnfold numpy reference"
     verdict = "passed" if rep.passed else "FAILED"
-    return f"verify: {verdict} ({len(rep.sources)} trial(s), {engine}): {names}"
+    return f"verify: {verdict} ({len(rep.sources)} trial(s), {engine})" + (f": {names}" if names else "")
 
 
 def _rows(rep: Any, detailed: bool) -> list[str]:

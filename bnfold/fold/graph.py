@@ -289,8 +289,8 @@ class GraphView:
                     if shape is not None and all(d >= 0 for d in shape)
                     else None
                 )
-            elif (node.op_type, k) in constants.TYPE_ONLY and self.tensor_dtype(i):
-                v = constants.empty_of_type(self.tensor_dtype(i))
+            elif (node.op_type, k) in constants.TYPE_ONLY and (dtype := self.tensor_dtype(i)):
+                v = constants.empty_of_type(dtype)
             else:
                 v = self.constant(i)
             if v is None:

@@ -123,19 +123,3 @@ class FoldReport:
             "skips": [s.to_dict() for s in self.skips],
             "affine_left": [s.to_dict() for s in self.affine_skips],
         }
-
-    def summary_lines(self) -> list[str]:
-        """Short human summary: counts, then one line per BN left."""
-        other = len(self.folds) - self.bn_folded
-        lines = [
-            f"BatchNormalization: {self.bn_count} found, {self.bn_folded} folded, "
-            f"{len(self.skips)} left" + (f"; {other} other affine op(s) folded" if other else ""),
-            f"nodes: {self.nodes_before} -> {self.nodes_after}",
-        ]
-        for s in self.skips:
-            where = "" if s.graph == "main" else f" (in {s.graph})"
-            lines.append(f"  left {s.node}{where}: {s.reason.value}: {s.message}")
-        for s in self.affine_skips:
-            where = "" if s.graph == "main" else f" (in {s.graph})"
-            lines.append(f"  left {s.op_type} {s.node}{where}: {s.reason.value}: {s.message}")
-        return lines

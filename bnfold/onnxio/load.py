@@ -13,7 +13,7 @@ import stat
 from collections.abc import Iterable
 
 import onnx
-from google.protobuf.message import DecodeError  # type: ignore[import-untyped]
+from google.protobuf.message import DecodeError
 from onnx import TensorProto
 
 from bnfold.errors import ModelLoadError

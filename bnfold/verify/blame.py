@@ -81,38 +81,6 @@ class BlameResult:
             "safe_verification": None if self.safe_report is None else self.safe_report.to_dict(),
         }
 
-    def summary_lines(self) -> list[str]:
-        """Human lines: each culprit with the output it breaks worst."""
-        n = len(self.culprits)
-        lines = [f"blame: {n} fold(s) break verification on their own ({self.checks} verification runs)"]
-        for f in self.culprits:
-            lines.append(f"  {_describe(f)}{_worst(self.culprit_reports.get(fold_key(f)))}")
-        for g in self.groups:
-            lines.append(f"  {len(g)} folds fail only together: " + ", ".join(f.node for f in g))
-        if self.exhausted:
-            lines.append(f"  (stopped after {self.checks} runs: the list may be incomplete)")
-        if self.safe_report is not None:
-            verdict = "passes" if self.safe_report.passed else "still FAILS"
-            lines.append(f"  the model without these folds {verdict} verification")
-        return lines
-
-
-def _describe(f: Fold) -> str:
-    where = "" if f.graph == "main" else f" in {f.graph}"
-    return f"{f.node} ({f.op_type}{where}) folded into {f.target} as {f.pattern}"
-
-
-def _worst(rep: VerifyReport | None) -> str:
-    if rep is None:
-        return ""
-    if rep.error:
-        return f": {rep.error}"
-    bad = rep.failing
-    if not bad:
-        return ""
-    r = max(bad, key=lambda r: r.max_abs / r.atol if r.atol > 0 else r.max_abs)
-    return f": output '{r.name}' max abs error {r.max_abs:.3g} ({r.rule()})"
-
 
 def fold_subset(
     original: ModelSource,

@@ -114,7 +114,7 @@ def conv(
             slice(offs[i] * dilations[i], offs[i] * dilations[i] + (out[i] - 1) * strides[i] + 1, strides[i])
             for i in range(nd)
         )
-        cols.append(xp[(slice(None), slice(None), *idx)])
+        cols.append(xp[(slice(None), slice(None)) + tuple(idx)])  # noqa: RUF005 - mypy reads a starred index as 3.11-only
     patches = np.stack(cols, axis=2)  # [N, C, K, *out]
     kk = patches.shape[2]
     patches = patches.reshape(n, group, (c // group) * kk, -1)  # [N, g, C/g*K, P]
@@ -174,14 +174,14 @@ def conv_transpose(
         xg = x[:, g * cg : (g + 1) * cg]
         wg = w[g * cg : (g + 1) * cg]
         for offs in np.ndindex(*k):
-            contrib = np.einsum("nc...,cm->nm...", xg, wg[(slice(None), slice(None), *offs)])
+            contrib = np.einsum("nc...,cm->nm...", xg, wg[(slice(None), slice(None)) + tuple(offs)])  # noqa: RUF005
             idx = tuple(
                 slice(offs[i] * dilations[i], offs[i] * dilations[i] + (ins[i] - 1) * strides[i] + 1, strides[i])
                 for i in range(nd)
             )
-            y[(slice(None), slice(g * mg, (g + 1) * mg), *idx)] += contrib
+            y[(slice(None), slice(g * mg, (g + 1) * mg)) + idx] += contrib  # noqa: RUF005
     crop = tuple(slice(begin[i], full[i] - end[i]) for i in range(nd))
-    y = y[(slice(None), slice(None), *crop)]
+    y = y[(slice(None), slice(None)) + crop]  # noqa: RUF005
     if b is not None:
         y = y + _f64(b).reshape(1, -1, *([1] * nd))
     return y

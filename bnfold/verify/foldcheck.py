@@ -40,18 +40,6 @@ class FoldVerification:
         d["kept_safe"] = self.kept_safe
         return d
 
-    def summary_lines(self) -> list[str]:
-        """The verification rows, then blame and what ``--keep-safe`` did."""
-        if self.blame is None:
-            return self.report.summary_lines()
-        lines = self.report.summary_lines("(every fold)")
-        lines += self.blame.summary_lines()
-        if self.kept_safe and self.blame.safe_report is not None:
-            names = ", ".join(f.node for f in self.blame.excluded)
-            lines += self.blame.safe_report.summary_lines(f"(without {names})")
-            lines.append(f"keep-safe: left {names} unfolded; writing the model with the other folds")
-        return lines
-
 
 def verify_fold(
     original: ModelSource,

@@ -82,48 +82,11 @@ class OutputRow:
             "note": self.note,
         }
 
-    def rule(self) -> str:
-        """How this output was decided, in words (``calibrated: bound 3.2e-6 = 4 x noise floor 8e-7``)."""
-        if self.decision == "exact":
-            return "must be equal"
-        if self.decision == "fast":
-            return f"fast path: bound {g(self.atol)} = {g(self.factor)} x max|a| {g(self.max_ref)}"
-        if self.decision == "calibrated":
-            return f"calibrated: bound {g(self.atol)} = {g(self.factor)} x noise floor {g(self.noise_floor)}"
-        return f"atol {g(self.atol)}, rtol {g(self.rtol)}; passes with atol >= {g(self.min_atol)}"
-
-    def line(self) -> str:
-        """One human line."""
-        flag = "ok  " if self.passed else "FAIL"
-        head = f"{flag} {self.name} {self.dtype}[{','.join(map(str, self.shape))}]"
-        if self.note:
-            return f"{head}: {self.note}"
-        if self.decision == "exact":
-            text = (
-                f"{head}: {self.mismatches} of {self.elements} elements differ" if self.mismatches else f"{head}: equal"
-            )
-        else:
-            text = (
-                f"{head}: max abs {g(self.max_abs)} ({self.rule()}), max rel {g(self.max_rel)}, "
-                f"mean abs {g(self.mean_abs)}"
-            )
-        if self.mismatches and self.worst:
-            w = self.worst
-            if self.decision != "exact":
-                text += f"; {self.mismatches} of {self.elements} elements differ"
-            text += f", worst at {w['index']} (trial {w['trial']}): {g(w['reference'])} vs {g(w['candidate'])}"
-        return text
-
 
 def num(x: float) -> float | str:
     """A JSON number, or ``"inf"``/``"-inf"``/``"nan"``."""
     x = float(x)
     return x if math.isfinite(x) else ("nan" if math.isnan(x) else ("inf" if x > 0 else "-inf"))
-
-
-def g(x: Any) -> str:
-    """Short human form of a number."""
-    return f"{x:.3g}" if isinstance(x, float) else str(x)
 
 
 @dataclass
@@ -165,29 +128,3 @@ class VerifyReport:
             "calibration": self.calibration,
             "outputs": [r.to_dict() for r in self.rows],
         }
-
-    def summary_lines(self, label: str = "") -> list[str]:
-        """Human summary: one line for the run (``verify LABEL: ...``), then one per output."""
-        engine = "onnxruntime, ORT_DISABLE_ALL" if self.engine == "onnxruntime" else "bnfold numpy reference"
-        verdict = "passed" if self.passed else "FAILED"
-        head = f"verify {label}" if label else "verify"
-        lines = [f"{head}: {verdict} ({len(self.sources)} trial(s), {engine})"]
-        lines += [f"  note: {n}" for n in self.notes]
-        if self.error:
-            lines.append(f"  error: {self.error}")
-            return lines
-        if self.calibration:
-            c = self.calibration
-            lines.append(
-                f"  noise floor: {c['runs']} run(s) of the original with its float weights perturbed within "
-                f"their rounding (seed {c['seed']})"
-            )
-        lines += ["  " + r.line() for r in self.rows]
-        for r in self.rows:
-            if r.weak:
-                lines.append(
-                    f"  warning: output {r.name} peaks at {g(r.max_ref)} on these inputs, within {WEAK_FACTOR:g}x "
-                    f"atol {g(r.atol)}: a wrong fold can hide under atol; verify with real data (--inputs FILE.npz) "
-                    "or a lower --atol"
-                )
-        return lines
