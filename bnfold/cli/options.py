@@ -224,23 +224,7 @@ def verify_options_from(params: dict[str, Any]) -> VerifyOptions:
 
 SECTIONS: dict[str, str] = {
     **dict.fromkeys(("output", "in_place", "force", "external_data", "size_threshold"), "Output"),
-    **dict.fromkeys(
-        (
-            "no_verify",
-            "keep_safe",
-            "atol",
-            "rtol",
-            "no_calibrate",
-            "seed",
-            "trials",
-            "input_shape",
-            "input_range",
-            "val_range",
-            "inputs",
-            "save_io",
-        ),
-        "Verification",
-    ),
+    **dict.fromkeys(("no_verify", "keep_safe", *VERIFY_PARAMS), "Verification"),
     **dict.fromkeys(("jobs", "glob", "pattern", "freeze_initializer_inputs"), "Models"),
     **dict.fromkeys(("select", "ignore", "output_format", "summary_path"), "CI gate"),
 }
