@@ -151,13 +151,16 @@ def test_report_mode_is_like_the_model(tmp_path) -> None:
     try:
         src = save(conv_chain(), tmp_path / "m.onnx")
         out, report, summary = tmp_path / "o.onnx", tmp_path / "r.json", tmp_path / "s.md"
+        io = tmp_path / "io.npz"
         assert invoke("fold", src, "-o", str(out), "--report", str(report), "--no-verify").exit_code == 0
         assert invoke("check", src, "--summary", str(summary)).exit_code == ExitCode.FOLDABLE_LEFT
+        assert invoke("verify", src, str(out), "--save-io", str(io)).exit_code == 0
     finally:
         os.umask(old)
     mode = os.stat(out).st_mode & 0o777
     assert mode == 0o644
     assert os.stat(report).st_mode & 0o777 == mode and os.stat(summary).st_mode & 0o777 == mode
+    assert os.stat(io).st_mode & 0o777 == mode
 
 
 # ---------------------------------------------------------------------------
