@@ -47,7 +47,7 @@ def fold_file(
         freeze_initializer_inputs: treat initializers that are also graph inputs as constants.
         input_shapes: shapes of inputs with dynamic dimensions (as ``--input-shape``).
         progress: called with each phase's name as it starts (``load``, ``fold``, ``check``,
-            ``verify``, ``write``).
+            ``verify``, ``blame N`` for blame's verification run N, ``write``).
 
     Returns:
         The typed outcome: the :class:`~bnfold.fold.report.FoldReport`, the verification,

@@ -47,7 +47,7 @@ if TYPE_CHECKING:  # the verification stack is imported when a job verifies (--n
 log = logging.getLogger("bnfold")
 
 #: ``progress(phase)`` is called as each phase of a job starts: ``load``, ``fold``,
-#: ``check``, ``verify``, ``write``.
+#: ``check``, ``verify``, ``blame N`` (blame's verification run N), ``write``.
 Progress = Callable[[str], None]
 
 STATUS = {
@@ -418,6 +418,7 @@ def _verify_hook(
                 keep_safe=opts.keep_safe,
                 base_dir=os.path.dirname(os.path.abspath(path)),
                 freeze_initializer_inputs=opts.freeze_initializer_inputs,
+                progress=lambda run: _phase(progress, f"blame {run}", path),
             )
         except InputShapeError as e:
             raise type(e)(f"{path}: {e}") from e

@@ -77,3 +77,24 @@ def test_every_exported_name_resolves() -> None:
     for name in bnfold.__all__:
         assert getattr(bnfold, name) is not None, name
     assert os.path.exists(os.path.join(os.path.dirname(bnfold.__file__), "py.typed"))
+
+
+def test_blame_reports_each_verification_run_as_progress(chain: str, tmp_path, monkeypatch) -> None:
+    """Blame can run many verifications: each shows as a ``blame N`` phase (the terminal ticker says so)."""
+    import numpy as np
+    from builders import corrupt_rule
+
+    from bnfold.cli.render import phase_line
+
+    def spoil(site):  # bn1 folds wrongly: one output channel's scale x 2
+        if site.aff.node.name == "bn1":
+            site.aff.s = np.array(site.aff.s, dtype=np.float64, copy=True)
+            site.aff.s[0] *= 2.0
+
+    corrupt_rule(monkeypatch, "Conv+BatchNormalization", spoil)
+    phases: list[str] = []
+    res = bnfold.fold_file(chain, str(tmp_path / "out.onnx"), keep_safe=True, progress=phases.append)
+    assert res.verification is not None and res.verification.kept_safe
+    runs = [p for p in phases if p.startswith("blame ")]
+    assert runs == [f"blame {k}" for k in range(1, len(runs) + 1)] and len(runs) >= 1
+    assert "finding the folds that break verification (run 1)" in phase_line("m.onnx", runs[0])

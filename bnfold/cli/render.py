@@ -392,6 +392,8 @@ def progress_line(done: int, total: int, o: ModelOutcome) -> str:
 
 
 def phase_line(path: str, phase: str) -> str:
+    if phase.startswith("blame "):  # "blame N": blame's verification run N
+        return f"{clean(path)}: finding the folds that break verification (run {phase.split()[1]})..."
     return f"{clean(path)}: {PHASE_WORDS.get(phase, phase)}..."
 
 

@@ -11,7 +11,7 @@ except the culprits (``--keep-safe``) is folded and verified too.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -115,6 +115,7 @@ def find_culprits(
     freeze_initializer_inputs: bool = False,
     max_checks: int = MAX_CHECKS,
     failing_report: VerifyReport | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> BlameResult:
     """Find which of ``folds`` break verification, then fold and verify the model without them.
 
@@ -126,6 +127,7 @@ def find_culprits(
         freeze_initializer_inputs: as given to the failing fold run.
         max_checks: stop after this many verification runs.
         failing_report: the report of the full fold, when already known (saves a run).
+        progress: called with the number of each verification run as it starts.
 
     Returns:
         A :class:`BlameResult`; ``safe`` holds the model folded without the culprits.
@@ -146,6 +148,8 @@ def find_culprits(
                 result.exhausted = True
                 raise _Budget
             result.checks += 1
+            if progress is not None:
+                progress(result.checks)
             folded = fold_subset(original, k, base_dir=base_dir, freeze_initializer_inputs=freeze_initializer_inputs)
             # Tensors the subset left unfolded still point at the original's data files.
             cache[k] = verifier.check(folded.model, base_dir=src_dir)

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,6 +50,7 @@ def verify_fold(
     keep_safe: bool = False,
     base_dir: str | None = None,
     freeze_initializer_inputs: bool = False,
+    progress: Callable[[int], None] | None = None,
 ) -> FoldVerification:
     """Verify a fold run against the original; on failure, blame and optionally keep the safe folds.
 
@@ -61,6 +63,7 @@ def verify_fold(
             that passes, return it as ``result``.
         base_dir: folder of external data of an in-memory ``original``.
         freeze_initializer_inputs: as given to the fold run (blame re-folds the same way).
+        progress: called with the number of each blame verification run as it starts.
 
     Raises:
         NotVerifiableError: the original cannot be run (exit code 6).
@@ -78,6 +81,7 @@ def verify_fold(
         base_dir=base_dir,
         freeze_initializer_inputs=freeze_initializer_inputs,
         failing_report=report,
+        progress=progress,
     )
     if keep_safe and blame.safe is not None and blame.safe_passed:
         return FoldVerification(report, blame.safe, blame, kept_safe=True)
