@@ -21,6 +21,7 @@ from bnfold.errors import ModelLoadError
 from bnfold.fold import consteval as constants
 
 _MISSING = object()
+_TYPE_ONLY_OPS = frozenset(op for op, _ in constants.TYPE_ONLY)
 
 # Reads the bytes of one external tensor (location and bounds validated by the caller's I/O layer).
 ExternalReader = Callable[[onnx.TensorProto], bytes]
@@ -150,7 +151,9 @@ class GraphView:
         return [
             u
             for u in self.users(name)
-            if all((u.op_type, k) in constants.TYPE_ONLY for k, i in enumerate(u.input) if i == name)
+            # the op check first: a Sum or Concat with thousands of inputs is never scanned
+            if u.op_type in _TYPE_ONLY_OPS
+            and all((u.op_type, k) in constants.TYPE_ONLY for k, i in enumerate(u.input) if i == name)
             and not any(name in graph_reads(g) for g in subgraphs(u))
         ]
 
