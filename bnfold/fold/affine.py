@@ -16,7 +16,7 @@ from bnfold.fold import consteval
 from bnfold.fold import math as fm
 from bnfold.fold.graph import GraphView
 from bnfold.fold.nodes import attr, is_standard
-from bnfold.fold.report import Reason, Rejected, reject_if_too_large
+from bnfold.fold.report import Reason, Rejected
 
 AFFINE_OPS = ("BatchNormalization", "Mul", "Add", "Sub", "Div")
 ARITH_OPS = AFFINE_OPS[1:]
@@ -85,7 +85,7 @@ def read_bn(view: GraphView, node: onnx.NodeProto) -> Affine:
     for nm, src in zip(names, node.input[1:5], strict=True):
         p = view.constant(src)
         if p is None:
-            reject_if_too_large(view, src)
+            view.reject_if_oversized(src)
             raise Rejected(Reason.NON_CONSTANT_PARAMETERS, f"its {nm} '{src}' is not a constant")
         if p.dtype.kind not in "fV" and not str(p.dtype) == "bfloat16":
             raise Rejected(Reason.INVALID_PARAMETERS, f"its {nm} has dtype {p.dtype}")
@@ -112,7 +112,7 @@ def _const_operand(view: GraphView, node: onnx.NodeProto) -> tuple[int, np.ndarr
     a, b = view.constant(node.input[0]), view.constant(node.input[1])
     if a is None and b is None:
         for i in node.input:
-            reject_if_too_large(view, i)
+            view.reject_if_oversized(i)
     if (a is None) == (b is None):
         return None
     return (0, a) if a is not None else (1, b)  # type: ignore[return-value]

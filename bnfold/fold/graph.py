@@ -19,6 +19,7 @@ from onnx import numpy_helper
 
 from bnfold.errors import ModelLoadError
 from bnfold.fold import consteval as constants
+from bnfold.fold.report import Reason, Rejected
 
 _MISSING = object()
 _TYPE_ONLY_OPS = frozenset(op for op, _ in constants.TYPE_ONLY)
@@ -242,9 +243,11 @@ class GraphView:
             self._cache[top] = None if pending is not None else self._compute_constant(top)
         return self._cache[name]  # type: ignore[return-value]
 
-    def too_large(self, name: str) -> str | None:
-        """Why ``name`` is no constant when only the evaluation size bound stopped it, else None."""
-        return self.oversized.get(name)
+    def reject_if_oversized(self, name: str) -> None:
+        """Raise ``constant_too_large`` when ``name`` is no constant only because of the evaluation size bound."""
+        why = self.oversized.get(name)
+        if why is not None:
+            raise Rejected(Reason.CONSTANT_TOO_LARGE, f"'{name}' is not evaluated as a constant: {why}")
 
     def _value_inputs(self, name: str) -> list[str]:
         """Names of this graph whose constant values :meth:`_compute_constant` reads for ``name``."""

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from enum import Enum
-from typing import Any
 
 
 class Reason(str, Enum):
@@ -39,13 +38,6 @@ class Reason(str, Enum):
     SHIFT_BEFORE_CONV_TRANSPOSE = "shift_before_conv_transpose"
     EXCLUDED = "excluded"
     CONSTANT_TOO_LARGE = "constant_too_large"
-
-
-def reject_if_too_large(view: Any, name: str) -> None:
-    """Raise ``constant_too_large`` when ``name`` is no constant only because of the size bound."""
-    why = view.too_large(name)
-    if why is not None:
-        raise Rejected(Reason.CONSTANT_TOO_LARGE, f"'{name}' is not evaluated as a constant: {why}")
 
 
 class Rejected(Exception):

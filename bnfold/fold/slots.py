@@ -19,7 +19,7 @@ import onnx
 from bnfold.fold import math as fm
 from bnfold.fold.graph import GraphView
 from bnfold.fold.nodes import display_name
-from bnfold.fold.report import Reason, Rejected, reject_if_too_large
+from bnfold.fold.report import Reason, Rejected
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,7 @@ def _float_constant(view: GraphView, node: onnx.NodeProto, index: int, what: str
         return None
     v = view.constant(node.input[index])
     if v is None:
-        reject_if_too_large(view, node.input[index])
+        view.reject_if_oversized(node.input[index])
         raise Rejected(
             Reason.NON_CONSTANT_WEIGHT, f"the {what} '{node.input[index]}' of {node.op_type} is not a constant"
         )

@@ -18,7 +18,6 @@ import json
 import math
 import os
 import stat
-import tempfile
 import zipfile
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, BinaryIO
@@ -27,6 +26,7 @@ import ml_dtypes
 import numpy as np
 
 from bnfold.errors import InputFileError, OutputError
+from bnfold.onnxio.fsutil import Temps
 
 if TYPE_CHECKING:
     from bnfold.verify.inputs import InputPlan
@@ -270,31 +270,15 @@ def save_io_file(
         "passed": None if report is None else report.passed,
     }
     arrays[SAVE_IO_MARKER] = np.array(json.dumps(meta))
-    folder = os.path.dirname(os.path.abspath(path))
-    tmp = None
+    # A recorded temp file (0666 less the umask, like the model; a signal cannot leak it), then one rename.
+    temps = Temps()
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-        os.fchmod(fd, 0o666 & ~_umask())  # like the model and the other side files, not mkstemp's 0600
-        with os.fdopen(fd, "wb") as f:
+        tmp = temps.create(os.path.dirname(os.path.abspath(path)), os.path.basename(path), path)
+        with open(tmp, "wb") as f:
             np.savez(f, **arrays)  # type: ignore[arg-type]  # numpy stubs: keys are array names
         os.replace(tmp, path)
-        tmp = None
+        temps.keep(tmp)
     except OSError as e:
         raise OutputError(f"{path}: cannot write ({e.strerror or e})") from e
     finally:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _umask() -> int:
-    """The process umask: from /proc where Linux shows it (no window where it is changed), else set and put back."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
+        temps.sweep()
