@@ -166,6 +166,12 @@ def write_model(
             for p in mine:
                 temps.keep(p)
             mine.clear()
+            if held is not None:
+                # Committed: from now on the data file is the output's, or a later run's
+                # to retire.  Released inside the folder lock, so no other run can find it
+                # committed yet still marked "in use" (it would outlive both runs).
+                os.close(held)
+                held = None
             removed = _remove_old_data(folder, name, data_path, protected)
         fsync_dir(folder)
     except BaseException as e:
