@@ -36,7 +36,7 @@ from bnfold.onnxio.fsutil import Temps, resolve_target
 from bnfold.onnxio.layout import DEFAULT_SIZE_THRESHOLD, plan_layout
 from bnfold.onnxio.load import check_model, load_indexed, load_model
 from bnfold.onnxio.sink import staging
-from bnfold.onnxio.tensors import external_data_files
+from bnfold.onnxio.tensors import TensorIndex, external_data_files
 from bnfold.onnxio.writer import WriteResult, write_model
 
 if TYPE_CHECKING:  # the verification stack is imported when a job verifies (--no-verify skips it)
@@ -260,9 +260,9 @@ def fold_job(path: str, output: str, opts: FoldOptions, progress: Progress | Non
     try:
         if same_file(path, output) and not opts.in_place:
             raise OutputError(f"{output}: output is the input file; use --in-place to replace it")
-        base_dir = os.path.dirname(os.path.abspath(path))
         _phase(progress, "load", path)
-        model, index = load_indexed(path)
+        # Big embedded weights stay in the input file until the writer copies them over.
+        model, index = load_indexed(path, in_place=True)
         in_files = set(index.data_files)
         if os.path.realpath(output) in in_files:
             raise OutputError(f"{output}: is a data file of the input model; choose another output name")
@@ -276,7 +276,7 @@ def fold_job(path: str, output: str, opts: FoldOptions, progress: Progress | Non
         outcome.auto_external = auto
         clock.lap("load")
         _phase(progress, "fold", path)
-        written = _fold_and_write(path, output, model, base_dir, in_files, external, opts, outcome, clock, progress)
+        written = _fold_and_write(path, output, model, index, in_files, external, opts, outcome, clock, progress)
         if written is None:  # --in-place with nothing to fold: the file is left alone
             clock.done()
             return outcome
@@ -297,7 +297,7 @@ def _fold_and_write(
     path: str,
     output: str,
     model: Any,
-    base_dir: str,
+    index: TensorIndex,
     in_files: set[str],
     external: bool,
     opts: FoldOptions,
@@ -311,6 +311,7 @@ def _fold_and_write(
     temporary name, verified as written (by path) and only then renamed into place.
     None: ``--in-place`` found nothing to fold and wrote nothing.
     """
+    base_dir = index.base_dir
     temps = Temps()  # every temporary file of this job: removed whatever interrupts it
     try:
         # Folded weights go straight from numpy to a file next to the output: its data
@@ -348,7 +349,7 @@ def _fold_and_write(
             hook = _verify_hook(path, result, opts, verify_options, outcome, progress) if opts.verify else None
             _phase(progress, "write", path)
             try:
-                return write(result.model, sink=sink, before_commit=hook)
+                return write(result.model, sink=sink, source=index.source, before_commit=hook)
             except _WriteSafeInstead as safe:
                 # Verification failed, but the model without the blamed folds passed: it is
                 # checked and verified again as written, like every output.
@@ -586,7 +587,7 @@ def check_job(path: str, opts: FoldOptions, progress: Progress | None = None) ->
     clock = _Clock(outcome)
     try:
         _phase(progress, "load", path)
-        model, index = load_indexed(path)
+        model, index = load_indexed(path, in_place=True)
         in_files = set(index.data_files)
         outcome.data_files = sorted(in_files)
         refuse_side_files(path, in_files, opts.side_files)

@@ -319,7 +319,10 @@ def _chain_goes_on(view: GraphView, aff: Affine, side: Side) -> bool:
         nxt = None if first is None or view.is_graph_output(out) else path_down(view, out, first)[0]
     else:
         nxt = path_up(view, aff.data)[0]
-    return is_standard(nxt, *AFFINE_OPS)
+    if nxt is None or not is_standard(nxt, *AFFINE_OPS):
+        return False
+    # A Mul/Add of two computed tensors (a residual Add) folds nothing: round now.
+    return nxt.op_type == "BatchNormalization" or any(view.constant(i) is not None for i in nxt.input)
 
 
 def consumer_blocked(view: GraphView, aff: Affine) -> Rejected | None:

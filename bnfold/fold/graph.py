@@ -35,6 +35,10 @@ class ValueSink(Protocol):
         """Take ``value`` as tensor ``name``, making ``t`` a reference to it; False to embed it."""
         ...
 
+    def lend(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray | None:
+        """Uninitialized memory for a value about to be :meth:`put` (None: allocate it as usual)."""
+        ...
+
 
 def subgraphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
     """Graphs held in a node's attributes (If branches, Loop/Scan bodies)."""

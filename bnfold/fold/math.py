@@ -11,10 +11,28 @@ the derivations.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import ml_dtypes
 import numpy as np
 
 F64 = np.float64
+
+
+@dataclass(frozen=True)
+class RoundInto:
+    """Round a weight product once into ``dtype``, in memory from ``alloc`` (``np.empty`` when it gives None).
+
+    Accepted wherever a ``weight_dtype`` is: the caller can lend buffers that are
+    reused (the writer's sink), so big products do not fault in fresh memory.
+    """
+
+    dtype: np.dtype
+    alloc: Callable[[tuple[int, ...], np.dtype], np.ndarray | None]
+
+
+Into = np.dtype | RoundInto | None
 
 
 class FoldValueError(ValueError):
@@ -50,18 +68,21 @@ _NATIVE_FLOATS = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float6
 _BLOCK = 1 << 16
 
 
-def _multiply(a: np.ndarray, b: np.ndarray, out_dtype: np.dtype | None) -> np.ndarray:
-    """``a * b`` computed in float64; the result in ``out_dtype`` (rounded once) or float64.
+def _multiply(a: np.ndarray, b: np.ndarray, into: Into) -> np.ndarray:
+    """``a * b`` computed in float64; the result in ``into``'s dtype (rounded once) or float64.
 
-    With a native float ``out_dtype`` the product runs block by block along the first
-    axis through one reused float64 buffer: each block is widened, multiplied in place
-    and rounded straight into the output (the same values as rounding the full float64
+    With a native float dtype the product runs block by block along the first axis
+    through one reused float64 buffer: each block is widened, multiplied in place and
+    rounded straight into the output (the same values as rounding the full float64
     product, at memory speed).
     """
+    alloc = into.alloc if isinstance(into, RoundInto) else None
+    out_dtype = into.dtype if isinstance(into, RoundInto) else into
     if out_dtype is None or np.dtype(out_dtype) not in _NATIVE_FLOATS:
         return np.multiply(a, b, dtype=F64)
     shape = np.broadcast_shapes(a.shape, b.shape)
-    out = np.empty(shape, dtype=out_dtype)
+    lent = alloc(shape, np.dtype(out_dtype)) if alloc is not None else None
+    out = lent if lent is not None else np.empty(shape, dtype=out_dtype)
     if not shape or out.size <= _BLOCK:
         with np.errstate(over="ignore"):  # overflow shows as inf; round_to reports it
             return np.multiply(a, b, dtype=F64, out=out, casting="same_kind")
@@ -78,7 +99,7 @@ def _multiply(a: np.ndarray, b: np.ndarray, out_dtype: np.dtype | None) -> np.nd
     return out
 
 
-def _scaled(w: np.ndarray, factor: np.ndarray, out_dtype: np.dtype | None = None) -> np.ndarray:
+def _scaled(w: np.ndarray, factor: np.ndarray, out_dtype: Into = None) -> np.ndarray:
     """``float64(w) * factor`` in one pass (no float64 copy of ``w`` first: the ufunc casts in chunks)."""
     w = np.asarray(w)
     if w.dtype in _NATIVE_FLOATS:
@@ -86,7 +107,7 @@ def _scaled(w: np.ndarray, factor: np.ndarray, out_dtype: np.dtype | None = None
     return np.asarray(w, dtype=F64) * factor
 
 
-def _scaled_rows(w: np.ndarray, v: np.ndarray, out_dtype: np.dtype | None = None) -> np.ndarray:
+def _scaled_rows(w: np.ndarray, v: np.ndarray, out_dtype: Into = None) -> np.ndarray:
     """``float64(w) * v`` where ``v`` has the leading shape of ``w`` (``[n]`` or ``[n, m]``).
 
     Flattening the trailing axes first keeps numpy's casting loop on long contiguous rows.
@@ -105,7 +126,7 @@ def _expand(v: np.ndarray, ndim: int) -> np.ndarray:
 
 
 def fold_conv(
-    w: np.ndarray, b: np.ndarray | None, s: np.ndarray, t: np.ndarray, weight_dtype: np.dtype | None = None
+    w: np.ndarray, b: np.ndarray | None, s: np.ndarray, t: np.ndarray, weight_dtype: Into = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """Affine after Conv: ``W[Cout, Cin/g, k...]``, scale output channel ``o`` by ``s[o]``.
 
@@ -129,7 +150,7 @@ def fold_conv_transpose(
     s: np.ndarray,
     t: np.ndarray,
     group: int,
-    weight_dtype: np.dtype | None = None,
+    weight_dtype: Into = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Affine after ConvTranspose: ``W[Cin, Cout/g, k...]``, channel ``(i//(Cin/g))*(Cout/g)+j``."""
     w = np.asarray(w)
@@ -145,7 +166,7 @@ def fold_gemm(
     t: np.ndarray,
     trans_b: bool,
     beta: float,
-    weight_dtype: np.dtype | None = None,
+    weight_dtype: Into = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Affine after Gemm: scale column ``n`` of ``op(B)`` by ``s[n]``; new ``C = s*(beta*C) + t``.
 
@@ -161,7 +182,7 @@ def fold_gemm(
 
 
 def fold_matmul(
-    w: np.ndarray, bias: np.ndarray | None, s: np.ndarray, t: np.ndarray, weight_dtype: np.dtype | None = None
+    w: np.ndarray, bias: np.ndarray | None, s: np.ndarray, t: np.ndarray, weight_dtype: Into = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """Affine after ``MatMul(x, W[K, N])`` (and optional ``Add(bias)``) on a 2-D output."""
     s = np.asarray(s, dtype=F64)
@@ -255,9 +276,7 @@ def expand_channels(v: np.ndarray, inner: int) -> np.ndarray:
     return np.repeat(np.asarray(v, dtype=F64), inner)
 
 
-def fold_scale_into_next_conv_transpose(
-    w: np.ndarray, s: np.ndarray, weight_dtype: np.dtype | None = None
-) -> np.ndarray:
+def fold_scale_into_next_conv_transpose(w: np.ndarray, s: np.ndarray, weight_dtype: Into = None) -> np.ndarray:
     """A pure scale *before* a ConvTranspose ``W[Cin, Cout/g, k...]``: ``W'[i] = s[i] * W[i]``.
 
     Exact with any padding, stride or group (each weight slot reads one input
@@ -267,7 +286,7 @@ def fold_scale_into_next_conv_transpose(
 
 
 def fold_into_next_matmul(
-    w: np.ndarray, s: np.ndarray, t: np.ndarray, weight_dtype: np.dtype | None = None
+    w: np.ndarray, s: np.ndarray, t: np.ndarray, weight_dtype: Into = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(s*x + t) @ W[K, N] == x @ (diag(s) W) + t @ W``: the new weight and the shift ``t @ W`` ``[N]``.
 
@@ -286,7 +305,7 @@ def fold_into_next_gemm(
     trans_b: bool,
     alpha: float,
     beta: float,
-    weight_dtype: np.dtype | None = None,
+    weight_dtype: Into = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Affine ``s*A + t`` along K before ``Gemm(A, B, C)``: scale row ``k`` of ``op(B)`` by ``s[k]``.
 

@@ -26,8 +26,9 @@ from bnfold.fold.report import Reason, Rejected
 class Slot:
     """Input ``index`` of ``node``: its current value (None when absent) and the dtype it is stored in.
 
-    ``round_into`` is the dtype a math function may round its product into at once
-    (the end of a chain), or None while the chain goes on (keep float64).
+    ``round_into`` is what a math function may round its product into at once (the
+    end of a chain): the dtype, with memory lent by the sink; None while the chain
+    goes on (keep float64).
     """
 
     node: onnx.NodeProto
@@ -36,7 +37,7 @@ class Slot:
     dtype: np.dtype
     what: str
     base: str
-    round_into: np.dtype | None
+    round_into: fm.RoundInto | None
 
     def put(self, value: np.ndarray) -> Write:
         """The record that gives this slot ``value`` (float64, or already rounded into ``round_into``)."""
@@ -78,7 +79,12 @@ class SlotReader:
         value = stored
         if stored is not None:
             value = self.view.ctx.exact.get(node.input[index], stored)
-        return Slot(node, index, value, np.dtype(dtype), what, base, None if self.keep_exact else np.dtype(dtype))
+        into = None if self.keep_exact else fm.RoundInto(np.dtype(dtype), self._lend)
+        return Slot(node, index, value, np.dtype(dtype), what, base, into)
+
+    def _lend(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray | None:
+        sink = self.view.ctx.sink
+        return sink.lend(shape, dtype) if sink is not None else None
 
     def weight(self, node: onnx.NodeProto, index: int = 1, what: str = "weight") -> Slot:
         """A constant float input that must be there (Rejected when missing or not constant)."""

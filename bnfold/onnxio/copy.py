@@ -14,7 +14,7 @@ import onnx
 from onnx import TensorProto
 
 from bnfold.onnxio.fsutil import CHUNK, copy_range
-from bnfold.onnxio.protowire import streamable
+from bnfold.onnxio.protowire import Held, streamable
 from bnfold.onnxio.sink import DataSink
 from bnfold.onnxio.tensors import external_ref, is_external, model_tensors, read_external, tensor_nbytes
 
@@ -108,15 +108,19 @@ def fill_data_file(
     return filled
 
 
-def embed_external(model: onnx.ModelProto, src_dir: str, stream: DataSink | None = None) -> None:
+def embed_external(
+    model: onnx.ModelProto, src_dir: str, stream: DataSink | None = None, source: Held | None = None
+) -> None:
     """Read every external tensor into the model (the output is one self-contained file).
 
-    Top-level initializers in ``stream``'s file stay references: the wire-format
-    writer copies their bytes from that file straight into the model file.
+    Top-level initializers in ``stream``'s file, or left in the input model file
+    (``source``), stay references: the wire-format writer copies their bytes from
+    that file straight into the model file.
     """
-    top = {id(t) for t in model.graph.initializer} if stream is not None else set()
+    stores = [s for s in (stream, source) if s is not None]
+    top = {id(t) for t in model.graph.initializer} if stores else set()
     for t, _ in model_tensors(model):
-        if stream is not None and id(t) in top and streamable(t, stream):
+        if id(t) in top and any(streamable(t, s) for s in stores):
             continue
         if stream is not None and stream.holds(t):
             data = stream.read(t)

@@ -17,6 +17,7 @@ from google.protobuf.message import DecodeError
 from onnx import TensorProto
 
 from bnfold.errors import ModelLoadError
+from bnfold.onnxio.embedded import load_in_place
 from bnfold.onnxio.tensors import TensorIndex, human_size, is_external, tensor_nbytes
 
 #: Largest message protobuf can serialize or parse (``onnx.checker.MAXIMUM_PROTOBUF``):
@@ -38,8 +39,14 @@ def load_model(path: str, *, check: bool = True) -> onnx.ModelProto:
     return load_indexed(path, check=check)[0]
 
 
-def load_indexed(path: str, *, check: bool = True) -> tuple[onnx.ModelProto, TensorIndex]:
-    """:func:`load_model`, with the :class:`TensorIndex` its checks built (one walk over the tensors)."""
+def load_indexed(path: str, *, check: bool = True, in_place: bool = False) -> tuple[onnx.ModelProto, TensorIndex]:
+    """:func:`load_model`, with the :class:`TensorIndex` its checks built (one walk over the tensors).
+
+    ``in_place`` leaves big embedded initializers in the model file as references to
+    their own bytes (:mod:`bnfold.onnxio.embedded`; ``index.source`` says which): for
+    callers that read a few weights and write the model back through
+    :func:`bnfold.onnxio.writer.write_model` with that source.
+    """
     if not os.path.exists(path):
         raise ModelLoadError(f"{path}: no such file")
     if os.path.isdir(path):
@@ -53,8 +60,10 @@ def load_indexed(path: str, *, check: bool = True) -> tuple[onnx.ModelProto, Ten
         raise ModelLoadError(
             f"{path}: not an ONNX model: {human_size(size)} is over protobuf's 2 GiB limit for a model file"
         )
+    lazy = load_in_place(path) if in_place else None
+    source = lazy[1] if lazy is not None else None
     try:
-        model = onnx.load(path, load_external_data=False)
+        model = lazy[0] if lazy is not None else onnx.load(path, load_external_data=False)
     except (DecodeError, RuntimeError, ValueError) as e:
         raise ModelLoadError(f"{path}: not an ONNX model ({_first_line(e)})") from e
     except OSError as e:
@@ -63,7 +72,7 @@ def load_indexed(path: str, *, check: bool = True) -> tuple[onnx.ModelProto, Ten
         raise ModelLoadError(f"{path}: not an ONNX model (no graph or IR version)")
     check_opsets(model, path)
     # Every tensor checked and every external reference validated, before a byte is read.
-    index = TensorIndex.build(model, os.path.dirname(os.path.abspath(path)), path)
+    index = TensorIndex.build(model, os.path.dirname(os.path.abspath(path)), path, source)
     if check:
         check_model(model, path)
     return model, index

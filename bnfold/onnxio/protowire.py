@@ -1,15 +1,16 @@
 """Protobuf wire-format streaming: a model serialized one top-level initializer at a time.
 
 The bytes equal ``model.SerializeToString()``, but no more than one initializer's
-serialization is held in memory, and initializers staged in a
-:class:`~bnfold.onnxio.sink.DataSink` are copied from its file into the model file
+serialization is held in memory, and initializers whose bytes lie in a file (staged
+in a :class:`~bnfold.onnxio.sink.DataSink`, or left in the input model file by
+:mod:`bnfold.onnxio.embedded`) are copied from that file into the model file
 without passing through a message.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Any, BinaryIO
+from collections.abc import Iterator, Sequence
+from typing import Any, BinaryIO, Protocol
 
 import onnx
 from onnx import TensorProto
@@ -17,8 +18,15 @@ from onnx import TensorProto
 from bnfold.errors import OutputError
 from bnfold.onnxio.fsutil import copy_range
 from bnfold.onnxio.load import MAX_PROTOBUF, copy_field, is_repeated
-from bnfold.onnxio.sink import DataSink
-from bnfold.onnxio.tensors import tensor_nbytes
+from bnfold.onnxio.tensors import ExternalRef, tensor_nbytes
+
+
+class Held(Protocol):
+    """Tensors whose bytes lie in a file the model file is streamed from (a sink, the input model)."""
+
+    def holds(self, t: TensorProto) -> bool: ...
+
+    def ref(self, t: TensorProto) -> ExternalRef: ...
 
 
 def _varint(n: int) -> bytes:
@@ -49,9 +57,9 @@ def _split(msg: Any, number: int, cls: Any) -> tuple[Any, Any]:
     return lo, hi
 
 
-def streamable(t: TensorProto, sink: DataSink) -> bool:
-    """An initializer held in the sink's file whose other fields all precede raw_data."""
-    if not sink.holds(t):
+def streamable(t: TensorProto, store: Held) -> bool:
+    """An initializer ``store`` holds whose other fields all precede raw_data."""
+    if not store.holds(t):
         return False
     return all(fd.number < _RAW_DATA.number or fd.name in _EXTERNAL_FIELDS for fd, _ in t.ListFields())
 
@@ -77,10 +85,14 @@ def _fields_but_raw(t: TensorProto) -> Iterator[tuple[Any, Any]]:
             yield fd, value
 
 
-def _tensor_size(t: TensorProto, sink: DataSink | None) -> int:
+def _holder(t: TensorProto, stores: Sequence[Held]) -> Held | None:
+    return next((s for s in stores if s.holds(t)), None)
+
+
+def _tensor_size(t: TensorProto, store: Held | None) -> int:
     """Serialized size of an initializer (computed without copying its raw data)."""
-    if sink is not None and sink.holds(t):  # embedded from the sink's file by _write_streamed
-        n = sink.ref(t).length
+    if store is not None:  # embedded from the store's file by _write_streamed
+        n = store.ref(t).length
         return len(_bare(t).SerializeToString()) + len(_RAW_TAG) + len(_varint(n)) + n
     bare = TensorProto()
     for fd, value in t.ListFields() if not t.HasField("raw_data") else _fields_but_raw(t):
@@ -96,16 +108,16 @@ class _SizeMismatch(Exception):
     pass
 
 
-def write_proto(model: onnx.ModelProto, f: BinaryIO, sink: DataSink | None = None) -> int:
+def write_proto(model: onnx.ModelProto, f: BinaryIO, stores: Sequence[Held] = ()) -> int:
     """Serialize ``model`` into ``f`` one top-level initializer at a time; return the bytes written.
 
-    Initializers ``sink`` holds are embedded from its file (see :func:`streamable`).
+    Initializers one of ``stores`` holds are embedded from its file (see :func:`streamable`).
     """
     start = f.tell()
     try:
-        return _write_streamed(model, f, sink)
+        return _write_streamed(model, f, stores)
     except _SizeMismatch:
-        if sink is not None and any(sink.holds(t) for t in model.graph.initializer):
+        if any(_holder(t, stores) is not None for t in model.graph.initializer):
             raise OutputError("cannot serialize the model: a staged tensor's size does not match") from None
         f.seek(start)
         f.truncate()
@@ -114,7 +126,7 @@ def write_proto(model: onnx.ModelProto, f: BinaryIO, sink: DataSink | None = Non
         return len(data)
 
 
-def _write_streamed(model: onnx.ModelProto, f: BinaryIO, sink: DataSink | None) -> int:
+def _write_streamed(model: onnx.ModelProto, f: BinaryIO, stores: Sequence[Held]) -> int:
     if not model.HasField("graph"):
         data = model.SerializeToString()
         f.write(data)
@@ -123,7 +135,8 @@ def _write_streamed(model: onnx.ModelProto, f: BinaryIO, sink: DataSink | None) 
     g_head, g_tail = _split(model.graph, _GRAPH_INIT_FIELD, onnx.GraphProto)
     g_head_b, g_tail_b = g_head.SerializeToString(), g_tail.SerializeToString()
     init_tag = _varint(_GRAPH_INIT_FIELD << 3 | 2)
-    sizes = [_tensor_size(t, sink) for t in model.graph.initializer]
+    holders = [_holder(t, stores) for t in model.graph.initializer]
+    sizes = [_tensor_size(t, h) for t, h in zip(model.graph.initializer, holders, strict=True)]
     graph_len = len(g_head_b) + len(g_tail_b) + sum(len(init_tag) + len(_varint(s)) + s for s in sizes)
     if graph_len > MAX_PROTOBUF:
         raise OutputError("the model is over 2 GB, protobuf's limit: write it with external data")
@@ -132,26 +145,33 @@ def _write_streamed(model: onnx.ModelProto, f: BinaryIO, sink: DataSink | None) 
         f.write(piece)
         total += len(piece)
     buf: bytearray | None = None
-    for t, s in zip(model.graph.initializer, sizes, strict=True):
-        f.write(init_tag)
-        f.write(_varint(s))
-        if sink is not None and sink.holds(t):
-            ref = sink.ref(t)
-            lead = _bare(t).SerializeToString() + _RAW_TAG + _varint(ref.length)
-            f.write(lead)
-            if buf is None:
-                buf = bytearray(8 << 20)
-            with open(ref.path, "rb") as src:
+    sources: dict[str, BinaryIO] = {}
+    try:
+        for t, h, s in zip(model.graph.initializer, holders, sizes, strict=True):
+            f.write(init_tag)
+            f.write(_varint(s))
+            if h is not None:
+                ref = h.ref(t)
+                lead = _bare(t).SerializeToString() + _RAW_TAG + _varint(ref.length)
+                f.write(lead)
+                if buf is None:
+                    buf = bytearray(8 << 20)
+                src = sources.get(ref.path)
+                if src is None:
+                    src = sources[ref.path] = open(ref.path, "rb")
                 copy_range(src, f, ref.offset, ref.length, buf)
-            if len(lead) + ref.length != s:
-                raise OutputError(f"{t.name}: staged tensor size changed while writing")
-        else:
-            b = t.SerializeToString()
-            if len(b) != s:
-                raise _SizeMismatch
-            f.write(b)
-            del b
-        total += len(init_tag) + len(_varint(s)) + s
+                if len(lead) + ref.length != s:
+                    raise OutputError(f"{t.name}: staged tensor size changed while writing")
+            else:
+                b = t.SerializeToString()
+                if len(b) != s:
+                    raise _SizeMismatch
+                f.write(b)
+                del b
+            total += len(init_tag) + len(_varint(s)) + s
+    finally:
+        for src in sources.values():
+            src.close()
     for piece in (g_tail_b, tail.SerializeToString()):
         f.write(piece)
         total += len(piece)

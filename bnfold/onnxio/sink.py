@@ -21,6 +21,7 @@ import onnx
 from onnx import TensorProto
 
 from bnfold.errors import OutputError
+from bnfold.onnxio.buffers import MIN_POOLED, BufferPool
 from bnfold.onnxio.fsutil import Temps, pwrite_all
 from bnfold.onnxio.layout import DEFAULT_SIZE_THRESHOLD
 from bnfold.onnxio.tensors import (
@@ -74,6 +75,7 @@ class DataSink:
             self.path = self.tmp  # where the values are (tmp is None once the writer took the file)
             self.marker = f"#bnfold-staged-{os.path.basename(self.tmp)}"
             self._max_pending = max_pending
+            self._pool = BufferPool()
             self._queue: queue.SimpleQueue[tuple[np.ndarray, int] | None] = queue.SimpleQueue()
             self._cv = threading.Condition()
             self._pending = 0
@@ -89,6 +91,23 @@ class DataSink:
             raise
 
     # -- the ValueSink protocol of the fold core --------------------------------------
+
+    def lend(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray | None:
+        """Memory for a value that will be :meth:`put` here, from buffers already written out.
+
+        It waits, as :meth:`put` does, until the value fits in ``max_pending`` beside the
+        values still being written: a fold holds at most one output buffer more than
+        the writer, and big models fold in the memory of a few weights.  None for
+        small values (fresh memory is cheap there).
+        """
+        dtype = np.dtype(dtype)
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize if shape else dtype.itemsize
+        if self._fd is None or nbytes < max(self.threshold, MIN_POOLED):
+            return None
+        with self._cv:
+            while self._pending and self._pending + nbytes > self._max_pending:
+                self._cv.wait()
+        return self._pool.array(shape, dtype)
 
     def put(self, t: TensorProto, value: np.ndarray, name: str) -> bool:
         """Write ``value`` for tensor ``t`` (renamed ``name``) when it is big enough; True if taken."""

@@ -12,14 +12,18 @@ from __future__ import annotations
 
 import os
 import stat
-import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import onnx
 from onnx import TensorProto, helper
 
 from bnfold.errors import ModelLoadError
+from bnfold.onnxio.buffers import MIN_POOLED, BufferPool
+
+if TYPE_CHECKING:
+    from bnfold.onnxio.embedded import EmbeddedSource
 
 # Sub-byte element types: bits per element (packed in raw data).
 PACKED_BITS = {
@@ -240,58 +244,45 @@ def read_range(path: str, offset: int, length: int) -> bytes:
         return data
 
 
-def read_range_into(path: str, offset: int, buf: bytearray) -> None:
+def read_range_into(path: str, offset: int, buf: bytearray | memoryview) -> None:
     """Fill ``buf`` with ``len(buf)`` bytes of ``path`` from ``offset`` (unbuffered, large reads)."""
     with open(path, "rb", buffering=0) as f:
         f.seek(offset)
         view, done = memoryview(buf), 0
-        while done < len(buf):
+        while done < len(view):
             n = f.readinto(view[done:])
             if not n:
                 raise ModelLoadError(f"{path}: external data ended early")
             done += n
 
 
-# Element types whose raw bytes every reader views with ``np.frombuffer`` (so a reused
-# bytearray serves them as well as bytes do); others get bytes.
+# Element types whose raw bytes every reader views with ``np.frombuffer`` (so a pooled
+# buffer serves them as well as bytes do); others get bytes.
 _POOLED_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16}
 
 
 class ExternalReader:
     """Reads a model's external tensors for one fold run, each validated by :func:`read_external`'s rules.
 
-    Big float weights are read into buffers reused once nothing refers to them any
-    more (a weight is read, folded into a new array and dropped, layer after layer),
-    so reading a model does not fault in and zero fresh memory for every weight.
+    Big float weights are read into pooled buffers (:class:`~bnfold.onnxio.buffers.BufferPool`),
+    reused once nothing refers to them any more (a weight is read, folded into a new
+    array and dropped, layer after layer), so reading a model does not fault in and
+    zero fresh memory for every weight.
     """
-
-    MIN_POOLED = 1 << 20  # smaller reads are cheap as fresh bytes
-    MAX_FREE = 2  # free buffers kept for reuse
 
     def __init__(self, base_dir: str) -> None:
         self.base_dir = base_dir
-        self._buffers: list[bytearray] = []
+        self._pool = BufferPool()
+        self._stats: dict[str, os.stat_result] = {}  # each file validated once per run, as at load
 
     def __call__(self, t: TensorProto) -> bytes:
-        ref = external_ref(t, self.base_dir)
+        ref = external_ref(t, self.base_dir, self._stats)
         refuse_big(t, ref.length)
-        if t.data_type not in _POOLED_TYPES or ref.length < self.MIN_POOLED:
+        if t.data_type not in _POOLED_TYPES or ref.length < MIN_POOLED:
             return read_range(ref.path, ref.offset, ref.length)
-        buf = self._buffer(ref.length)
+        buf = self._pool.take(ref.length)
         read_range_into(ref.path, ref.offset, buf)
         return buf  # type: ignore[return-value]  # a bytes-like object that np.frombuffer views alike
-
-    def _buffer(self, n: int) -> bytearray:
-        free = [b for b in self._buffers if sys.getrefcount(b) <= 3]  # the list, ``b``, the call: unused
-        for b in free:
-            if len(b) == n:
-                return b
-        for b in free[: max(0, len(free) + 1 - self.MAX_FREE)]:
-            self._buffers.remove(b)  # keep a few free buffers, not every size ever read
-        del free
-        buf = bytearray(n)
-        self._buffers.append(buf)
-        return buf
 
 
 def human_size(n: int) -> str:
@@ -367,10 +358,16 @@ class TensorIndex:
     data_files: frozenset[str]  # real paths of the external data files
     external: bool  # any tensor is external
     embedded_size: int  # upper estimate of the model's size with every tensor embedded
+    source: EmbeddedSource | None = None  # embedded tensors left in the model file (they are not external)
 
     @classmethod
-    def build(cls, model: onnx.ModelProto, base_dir: str, label: str) -> TensorIndex:
+    def build(
+        cls, model: onnx.ModelProto, base_dir: str, label: str, source: EmbeddedSource | None = None
+    ) -> TensorIndex:
         """Walk ``model`` once: check every embedded tensor, validate every external reference.
+
+        Tensors ``source`` holds are embedded data left in the model file: validated
+        like references, counted as embedded.
 
         Raises:
             ModelLoadError: a tensor does not match its dtype and shape, or an external
@@ -388,9 +385,10 @@ class TensorIndex:
                     ref = external_ref(t, base_dir, stats)
                 except ModelLoadError as e:
                     raise ModelLoadError(f"{label}: cannot read external data: {e}") from e
-                files.add(ref.path)
+                if source is None or not source.holds(t):
+                    files.add(ref.path)
             nbytes = tensor_nbytes(t)
             size += (ref.length if ref is not None else (nbytes or 0)) + 64
             entries.append(IndexEntry(t, is_init, nbytes, ref))
         real = frozenset(os.path.realpath(f) for f in files)
-        return cls(base_dir, tuple(entries), real, bool(files), size)
+        return cls(base_dir, tuple(entries), real, bool(files), size, source)

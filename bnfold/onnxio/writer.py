@@ -29,6 +29,7 @@ import onnx
 
 from bnfold.errors import OutputError
 from bnfold.onnxio.copy import embed_external, fill_data_file, sink_is_packed
+from bnfold.onnxio.embedded import EmbeddedSource
 from bnfold.onnxio.fsutil import (
     Temps,
     folder_lock,
@@ -72,6 +73,7 @@ def write_model(
     check: bool = False,
     full_check: bool = True,
     sink: DataSink | None = None,
+    source: EmbeddedSource | None = None,
     before_commit: Callable[[str], None] | None = None,
     temps: Temps | None = None,
 ) -> WriteResult:
@@ -95,6 +97,9 @@ def write_model(
         full_check: with ``check``, also run the checker's shape inference.
         sink: the :class:`DataSink` the fold wrote tensors to; with external data its file
             becomes the output's data file (other tensors are appended to it).
+        source: the embedded tensors :func:`bnfold.onnxio.load.load_indexed` left in the
+            input model file (``in_place``): they count as embedded, and an embedded
+            output gets their bytes copied from that file.
         before_commit: called with the path of the complete model, written under a temporary
             name in the output folder (its data file already complete), before it takes its
             final name: e.g. to run it in onnxruntime.  If it raises, nothing is left and the
@@ -111,7 +116,7 @@ def write_model(
     src_dir = os.path.abspath(base_dir or os.getcwd())
     target = resolve_target(path)
     folder, name = os.path.split(target.path)
-    reads, any_external, embedded = _survey(model, src_dir, sink)
+    reads, any_external, embedded = _survey(model, src_dir, sink, source)
     protected = {os.path.realpath(p) for p in protect} | reads
     if target.path in protected:
         raise OutputError(f"{path}: is a data file of the input model; choose another output name")
@@ -140,7 +145,7 @@ def write_model(
         else:
             # Initializers the fold staged in the sink are streamed from its file into the
             # model file by write_proto (no copy through Python).
-            embed_external(model, src_dir, stream=sink)
+            embed_external(model, src_dir, stream=sink, source=source)
         if sink is not None and external:
             sink.discard()  # its file is the data file now, or was copied into it
         if check and data_path is None:
@@ -148,7 +153,8 @@ def write_model(
         model_tmp = temps.create(folder, name, path)
         mine.append(model_tmp)
         with open(model_tmp, "r+b") as f:
-            size = write_proto(model, f, None if external else sink)
+            stores = () if external else tuple(x for x in (sink, source) if x is not None)
+            size = write_proto(model, f, stores)
             f.flush()
             os.fsync(f.fileno())
         give_identity(model_tmp, target.existing)
@@ -189,7 +195,9 @@ def write_model(
     return WriteResult(target.path, data_path, size, data_path is not None, auto, links, removed)
 
 
-def _survey(model: onnx.ModelProto, src_dir: str, sink: DataSink | None) -> tuple[set[str], bool, int]:
+def _survey(
+    model: onnx.ModelProto, src_dir: str, sink: DataSink | None, source: EmbeddedSource | None
+) -> tuple[set[str], bool, int]:
     """One walk: the input data files the model reads, whether any tensor is external, embedded size."""
     files: set[str] = set()
     stats: dict[str, os.stat_result] = {}
@@ -197,6 +205,8 @@ def _survey(model: onnx.ModelProto, src_dir: str, sink: DataSink | None) -> tupl
     for t, _ in model_tensors(model):
         if sink is not None and sink.holds(t):
             size += sink.ref(t).length + 64
+        elif source is not None and source.holds(t):
+            size += source.ref(t).length + 64
         elif is_external(t):
             ref = external_ref(t, src_dir, stats)
             files.add(os.path.realpath(ref.path))
