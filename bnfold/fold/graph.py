@@ -35,8 +35,12 @@ class ValueSink(Protocol):
         """Take ``value`` as tensor ``name``, making ``t`` a reference to it; False to embed it."""
         ...
 
-    def lend(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray | None:
-        """Uninitialized memory for a value about to be :meth:`put` (None: allocate it as usual)."""
+    def lend(self, shape: tuple[int, ...], dtype: np.dtype, source: np.ndarray | None = None) -> np.ndarray | None:
+        """Uninitialized memory for a value about to be :meth:`put` (None: allocate it as usual).
+
+        With ``source`` (a weight whose values the caller gives up), ``source`` itself when
+        its memory is a read buffer the sink's reader may see overwritten; else None.
+        """
         ...
 
 
@@ -246,6 +250,21 @@ class GraphView:
             # With a cycle (an invalid graph) the input still pending reads as no constant.
             self._cache[top] = None if pending is not None else self._compute_constant(top)
         return self._cache[name]  # type: ignore[return-value]
+
+    def owns_initializer(self, name: str) -> bool:
+        """``name`` is an initializer of this top-level graph, which holds no subgraph (no other view reads it)."""
+        if self.outer is not None or name not in self.initializers:
+            return False
+        has = self.memo.setdefault("has_subgraphs", {})
+        if "" not in has:
+            has[""] = any(True for n in self.nodes for _ in subgraphs(n))
+        return not has[""]
+
+    def forget_constants_sharing(self, value: np.ndarray) -> None:
+        """Drop every cached constant whose memory overlaps ``value`` (about to be overwritten)."""
+        for name, v in list(self._cache.items()):
+            if isinstance(v, np.ndarray) and np.may_share_memory(v, value):
+                del self._cache[name]
 
     def reject_if_oversized(self, name: str) -> None:
         """Raise ``constant_too_large`` when ``name`` is no constant only because of the evaluation size bound."""

@@ -26,10 +26,13 @@ class RoundInto:
 
     Accepted wherever a ``weight_dtype`` is: the caller can lend buffers that are
     reused (the writer's sink), so big products do not fault in fresh memory.
+    ``alloc(shape, dtype, source)`` may return ``source`` itself (the weight being
+    scaled), when the caller gives its values up: the product is then computed in
+    place, block by block, and no function here reads a weight after its product.
     """
 
     dtype: np.dtype
-    alloc: Callable[[tuple[int, ...], np.dtype], np.ndarray | None]
+    alloc: Callable[[tuple[int, ...], np.dtype, np.ndarray], np.ndarray | None]
 
 
 Into = np.dtype | RoundInto | None
@@ -81,7 +84,7 @@ def _multiply(a: np.ndarray, b: np.ndarray, into: Into) -> np.ndarray:
     if out_dtype is None or np.dtype(out_dtype) not in _NATIVE_FLOATS:
         return np.multiply(a, b, dtype=F64)
     shape = np.broadcast_shapes(a.shape, b.shape)
-    lent = alloc(shape, np.dtype(out_dtype)) if alloc is not None else None
+    lent = alloc(shape, np.dtype(out_dtype), a) if alloc is not None else None
     out = lent if lent is not None else np.empty(shape, dtype=out_dtype)
     if not shape or out.size <= _BLOCK:
         with np.errstate(over="ignore"):  # overflow shows as inf; round_to reports it
@@ -314,9 +317,12 @@ def fold_into_next_gemm(
     The returned ``C`` goes with ``beta = 1`` (None: no ``C`` and no shift).
     """
     s, t = np.asarray(s, dtype=F64), np.asarray(t, dtype=F64)
+    shift = None
+    if np.any(t != 0):  # before the product: it may be computed in place of b_mat
+        op_b = np.asarray(b_mat, dtype=F64)
+        shift = F64(alpha) * (t @ (op_b.T if trans_b else op_b))
+        del op_b
     b_new = _scaled(b_mat, s[None, :], weight_dtype) if trans_b else _scaled_rows(b_mat, s, weight_dtype)
-    op_b = np.asarray(b_mat, dtype=F64)
-    shift = F64(alpha) * (t @ (op_b.T if trans_b else op_b)) if np.any(t != 0) else None
     if c is None:
         return b_new, shift
     c64 = F64(beta) * np.asarray(c, dtype=F64)

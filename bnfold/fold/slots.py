@@ -73,18 +73,40 @@ class SlotReader:
     def __init__(self, view: GraphView, keep_exact: bool) -> None:
         self.view = view
         self.keep_exact = keep_exact
+        self._opened: list[tuple[str, np.ndarray]] = []  # (name, stored value) of every slot opened
 
     def _slot(self, node: onnx.NodeProto, index: int, stored: np.ndarray | None, dtype: np.dtype, what: str,
               base: str) -> Slot:  # fmt: skip
         value = stored
         if stored is not None:
             value = self.view.ctx.exact.get(node.input[index], stored)
+            self._opened.append((node.input[index], stored))
         into = None if self.keep_exact else fm.RoundInto(np.dtype(dtype), self._lend)
         return Slot(node, index, value, np.dtype(dtype), what, base, into)
 
-    def _lend(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray | None:
+    def _lend(self, shape: tuple[int, ...], dtype: np.dtype, source: np.ndarray) -> np.ndarray | None:
+        """Memory for a product: the weight's own buffer when nothing else needs its values, else the sink's."""
         sink = self.view.ctx.sink
-        return sink.lend(shape, dtype) if sink is not None else None
+        if sink is None:
+            return None
+        if self._may_overwrite(shape, dtype, source):
+            out = sink.lend(shape, dtype, source)
+            if out is source:
+                # Its values are gone: every cached constant sharing its memory is dropped
+                # (a later read decodes the unchanged tensor from its file again).
+                self.view.forget_constants_sharing(source)
+                return out
+        return sink.lend(shape, dtype)
+
+    def _may_overwrite(self, shape: tuple[int, ...], dtype: np.dtype, source: np.ndarray) -> bool:
+        """``source`` is one opened weight's values, of the product's layout, read by no other slot."""
+        if source.shape != tuple(shape) or source.dtype != dtype or not source.flags.c_contiguous:
+            return False
+        if not source.flags.writeable:
+            return False
+        owners = [name for name, v in self._opened if np.may_share_memory(v, source)]
+        # One initializer of a graph without subgraphs: no other view can have cached its values.
+        return len(owners) == 1 and self.view.owns_initializer(owners[0])
 
     def weight(self, node: onnx.NodeProto, index: int = 1, what: str = "weight") -> Slot:
         """A constant float input that must be there (Rejected when missing or not constant)."""

@@ -42,6 +42,10 @@ class BufferPool:
         self._buffers.append(buf)
         return buf.data
 
+    def owns(self, value: object) -> bool:
+        """Whether ``value`` (an array) lies in memory of one of this pool's buffers."""
+        return isinstance(value, np.ndarray) and any(np.may_share_memory(value, b) for b in self._buffers)
+
     def array(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
         """An uninitialized array of ``shape`` and ``dtype`` in a pooled buffer."""
         dtype = np.dtype(dtype)

@@ -42,7 +42,7 @@ def sink_is_packed(model: onnx.ModelProto, sink: DataSink) -> bool:
     live = 0
     for t, _ in model_tensors(model):
         if sink.holds(t):
-            live += sink.ref(t).length
+            live += sink.length(t)
     return live == sink.size
 
 

@@ -74,6 +74,10 @@ class EmbeddedSource:
         """Where a held tensor's bytes are (validated like any external reference)."""
         return external_ref(t, self.base_dir, self._stats)
 
+    def length(self, t: TensorProto) -> int:
+        """Bytes of a held tensor."""
+        return self.ref(t).length
+
 
 def _encode_varint(n: int) -> bytes:
     out = bytearray()

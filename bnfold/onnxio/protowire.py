@@ -16,7 +16,7 @@ import onnx
 from onnx import TensorProto
 
 from bnfold.errors import OutputError
-from bnfold.onnxio.fsutil import copy_range
+from bnfold.onnxio.fsutil import copy_range, start_writeback
 from bnfold.onnxio.load import MAX_PROTOBUF, copy_field, is_repeated
 from bnfold.onnxio.tensors import ExternalRef, tensor_nbytes
 
@@ -25,6 +25,8 @@ class Held(Protocol):
     """Tensors whose bytes lie in a file the model file is streamed from (a sink, the input model)."""
 
     def holds(self, t: TensorProto) -> bool: ...
+
+    def length(self, t: TensorProto) -> int: ...
 
     def ref(self, t: TensorProto) -> ExternalRef: ...
 
@@ -92,7 +94,7 @@ def _holder(t: TensorProto, stores: Sequence[Held]) -> Held | None:
 def _tensor_size(t: TensorProto, store: Held | None) -> int:
     """Serialized size of an initializer (computed without copying its raw data)."""
     if store is not None:  # embedded from the store's file by _write_streamed
-        n = store.ref(t).length
+        n = store.length(t)
         return len(_bare(t).SerializeToString()) + len(_RAW_TAG) + len(_varint(n)) + n
     bare = TensorProto()
     for fd, value in t.ListFields() if not t.HasField("raw_data") else _fields_but_raw(t):
@@ -151,16 +153,19 @@ def _write_streamed(model: onnx.ModelProto, f: BinaryIO, stores: Sequence[Held])
             f.write(init_tag)
             f.write(_varint(s))
             if h is not None:
-                ref = h.ref(t)
-                lead = _bare(t).SerializeToString() + _RAW_TAG + _varint(ref.length)
+                n = h.length(t)
+                lead = _bare(t).SerializeToString() + _RAW_TAG + _varint(n)
                 f.write(lead)
+                ref = h.ref(t)
                 if buf is None:
                     buf = bytearray(8 << 20)
                 src = sources.get(ref.path)
                 if src is None:
                     src = sources[ref.path] = open(ref.path, "rb")
-                copy_range(src, f, ref.offset, ref.length, buf)
-                if len(lead) + ref.length != s:
+                start = f.tell()
+                copy_range(src, f, ref.offset, n, buf)
+                start_writeback(f.fileno(), start, n)  # the final fsync has little left
+                if len(lead) + n != s:
                     raise OutputError(f"{t.name}: staged tensor size changed while writing")
             else:
                 b = t.SerializeToString()

@@ -22,7 +22,7 @@ from onnx import TensorProto
 
 from bnfold.errors import OutputError
 from bnfold.onnxio.buffers import MIN_POOLED, BufferPool
-from bnfold.onnxio.fsutil import Temps, pwrite_all
+from bnfold.onnxio.fsutil import Temps, pwrite_all, start_writeback
 from bnfold.onnxio.layout import DEFAULT_SIZE_THRESHOLD
 from bnfold.onnxio.tensors import (
     PACKED_BITS,
@@ -76,6 +76,7 @@ class DataSink:
             self.marker = f"#bnfold-staged-{os.path.basename(self.tmp)}"
             self._max_pending = max_pending
             self._pool = BufferPool()
+            self._external: ExternalReader | None = None  # the reader handed to the fold
             self._queue: queue.SimpleQueue[tuple[np.ndarray, int] | None] = queue.SimpleQueue()
             self._cv = threading.Condition()
             self._pending = 0
@@ -92,8 +93,12 @@ class DataSink:
 
     # -- the ValueSink protocol of the fold core --------------------------------------
 
-    def lend(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray | None:
+    def lend(self, shape: tuple[int, ...], dtype: np.dtype, source: np.ndarray | None = None) -> np.ndarray | None:
         """Memory for a value that will be :meth:`put` here, from buffers already written out.
+
+        With ``source``: ``source`` itself when its memory is a buffer this sink's
+        :meth:`reader` read a weight into (the product overwrites the weight, which
+        stays unchanged in its file), else None.
 
         It waits, as :meth:`put` does, until the value fits in ``max_pending`` beside the
         values still being written: a fold holds at most one output buffer more than
@@ -104,6 +109,8 @@ class DataSink:
         nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize if shape else dtype.itemsize
         if self._fd is None or nbytes < max(self.threshold, MIN_POOLED):
             return None
+        if source is not None:
+            return source if self._external is not None and self._external.owns(source) else None
         with self._cv:
             while self._pending and self._pending + nbytes > self._max_pending:
                 self._cv.wait()
@@ -145,6 +152,10 @@ class DataSink:
         """True when ``t``'s bytes are in this sink's file."""
         return is_external(t) and any(e.key == "location" and e.value == self.marker for e in t.external_data)
 
+    def length(self, t: TensorProto) -> int:
+        """Bytes of a tensor this sink :meth:`holds`."""
+        return int(external_entries(t)["length"])
+
     def ref(self, t: TensorProto) -> ExternalRef:
         """Where a tensor this sink :meth:`holds` lies in its file (every value handed in is written)."""
         self.wait()
@@ -160,7 +171,7 @@ class DataSink:
     def reader(self, base_dir: str) -> Callable[[TensorProto], bytes]:
         """A reader for the fold core: this sink's tensors from its file, others validated from ``base_dir``."""
 
-        external = ExternalReader(base_dir)
+        external = self._external = ExternalReader(base_dir)
 
         def read(t: TensorProto) -> bytes:
             return self.read(t) if self.holds(t) else external(t)
@@ -188,8 +199,9 @@ class DataSink:
             try:
                 if self._error is None and self._fd is not None:
                     pwrite_all(self._fd, buf, offset)
-                    if self._sync_every is not None:
-                        # Flush to disk as we go (this thread only), so the final fsync has little left.
+                    if self._sync_every is not None and not start_writeback(self._fd, offset, n):
+                        # No way to start writeback alone: flush to disk as we go (this thread
+                        # only), so the final fsync has little left.
                         self._unsynced += buf.nbytes
                         if self._unsynced >= self._sync_every:
                             _datasync(self._fd)

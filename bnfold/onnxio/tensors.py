@@ -275,6 +275,10 @@ class ExternalReader:
         self._pool = BufferPool()
         self._stats: dict[str, os.stat_result] = {}  # each file validated once per run, as at load
 
+    def owns(self, value: object) -> bool:
+        """Whether ``value``'s memory lies in one of this reader's buffers (its caller's copy of a weight)."""
+        return self._pool.owns(value)
+
     def __call__(self, t: TensorProto) -> bytes:
         ref = external_ref(t, self.base_dir, self._stats)
         refuse_big(t, ref.length)

@@ -204,7 +204,7 @@ def _survey(
     size, external = 4096 + 256 * len(model.graph.node), False
     for t, _ in model_tensors(model):
         if sink is not None and sink.holds(t):
-            size += sink.ref(t).length + 64
+            size += sink.length(t) + 64
         elif source is not None and source.holds(t):
             size += source.ref(t).length + 64
         elif is_external(t):
