@@ -3,6 +3,9 @@
 One job per module:
 
 - ``load``: load a model without its external data and check it (one clear error per bad input).
+- ``embedded``: big embedded initializers left in the model file, read as references to their own bytes.
+- ``buffers``: reused memory for big weights and products.
+- ``wire``: protobuf wire-format primitives.
 - ``tensors``: the tensors of a model, the one tensor index built at load, and the one
   validated way to read external data (:class:`~bnfold.onnxio.tensors.ExternalReader`).
 - ``layout``: whether an output is embedded or has one external data file.

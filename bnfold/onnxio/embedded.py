@@ -27,6 +27,7 @@ from onnx import TensorProto
 
 from bnfold.errors import ModelLoadError
 from bnfold.onnxio.tensors import ExternalRef, external_entries, external_ref, is_external, set_external, tensor_nbytes
+from bnfold.onnxio.wire import LEN, encode_varint
 
 #: Smallest ``raw_data`` (bytes) left in the file: smaller ones are cheaper parsed.
 IN_PLACE_MIN = 1024
@@ -35,7 +36,6 @@ _CHUNK = 1 << 20  # bytes read at once while walking field headers
 _MODEL_GRAPH = onnx.ModelProto.DESCRIPTOR.fields_by_name["graph"].number
 _GRAPH_INIT = onnx.GraphProto.DESCRIPTOR.fields_by_name["initializer"].number
 _RAW_DATA = TensorProto.DESCRIPTOR.fields_by_name["raw_data"].number
-_LEN = 2  # wire type of length-delimited fields
 
 
 class _Malformed(Exception):
@@ -77,18 +77,6 @@ class EmbeddedSource:
     def length(self, t: TensorProto) -> int:
         """Bytes of a held tensor."""
         return self.ref(t).length
-
-
-def _encode_varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        b = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(b | 0x80)
-        else:
-            out.append(b)
-            return bytes(out)
 
 
 class _File:
@@ -150,7 +138,7 @@ def _fields(src: _File, start: int, end: int):  # type: ignore[no-untyped-def]
             q = p + 8
         elif wt == 5:
             q = p + 4
-        elif wt == _LEN:
+        elif wt == LEN:
             n, p = src.varint(p, end)
             q = p + n
         else:
@@ -167,7 +155,7 @@ def _walk(src: _File, minimum: int) -> tuple[bytes, list[tuple[int, int, int]]]:
     A cut is ``(raw_data offset, length, index in graph.initializer)`` (no cuts: no bytes).
     """
     graphs = [f for f in _fields(src, 0, src.size) if f[0] == _MODEL_GRAPH]
-    if len(graphs) != 1 or graphs[0][1] != _LEN:
+    if len(graphs) != 1 or graphs[0][1] != LEN:
         raise _Malformed("not exactly one graph")  # protobuf would merge several
     _, _, g_field, g_start, g_end = graphs[0]
     body: list[bytes] = []
@@ -175,19 +163,19 @@ def _walk(src: _File, minimum: int) -> tuple[bytes, list[tuple[int, int, int]]]:
     keep_from = g_start  # start of the run of graph bytes copied as they are
     n_init = 0
     for number, wt, f_start, v_start, v_end in _fields(src, g_start, g_end):
-        if number != _GRAPH_INIT or wt != _LEN:
+        if number != _GRAPH_INIT or wt != LEN:
             continue
         k, n_init = n_init, n_init + 1
         if v_end - v_start < minimum:
             continue
         raws = [f for f in _fields(src, v_start, v_end) if f[0] == _RAW_DATA]
-        if len(raws) != 1 or raws[0][1] != _LEN or raws[0][4] - raws[0][3] < minimum:
+        if len(raws) != 1 or raws[0][1] != LEN or raws[0][4] - raws[0][3] < minimum:
             continue
         _, _, r_field, r_start, r_end = raws[0]
         if f_start > keep_from:
             body.append(src.take(keep_from, f_start - keep_from))
         head, tail = src.take(v_start, r_field - v_start), src.take(r_end, v_end - r_end)
-        body += [_encode_varint(_GRAPH_INIT << 3 | _LEN), _encode_varint(len(head) + len(tail)), head, tail]
+        body += [encode_varint(_GRAPH_INIT << 3 | LEN), encode_varint(len(head) + len(tail)), head, tail]
         keep_from = v_end
         cuts.append((r_start, r_end - r_start, k))
     if not cuts:
@@ -196,7 +184,7 @@ def _walk(src: _File, minimum: int) -> tuple[bytes, list[tuple[int, int, int]]]:
     graph = b"".join(body)
     head = src.take(0, g_field)
     tail = src.take(g_end, src.size - g_end)
-    return b"".join([head, _encode_varint(_MODEL_GRAPH << 3 | _LEN), _encode_varint(len(graph)), graph, tail]), cuts
+    return b"".join([head, encode_varint(_MODEL_GRAPH << 3 | LEN), encode_varint(len(graph)), graph, tail]), cuts
 
 
 def load_in_place(path: str, minimum: int | None = None) -> tuple[onnx.ModelProto, EmbeddedSource] | None:

@@ -19,6 +19,7 @@ from bnfold.errors import OutputError
 from bnfold.onnxio.fsutil import copy_range, start_writeback
 from bnfold.onnxio.load import MAX_PROTOBUF, copy_field, is_repeated
 from bnfold.onnxio.tensors import ExternalRef, tensor_nbytes
+from bnfold.onnxio.wire import encode_varint
 
 
 class Held(Protocol):
@@ -31,22 +32,10 @@ class Held(Protocol):
     def ref(self, t: TensorProto) -> ExternalRef: ...
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        b = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(b | 0x80)
-        else:
-            out.append(b)
-            return bytes(out)
-
-
 _MODEL_GRAPH_FIELD = onnx.ModelProto.DESCRIPTOR.fields_by_name["graph"].number
 _GRAPH_INIT_FIELD = onnx.GraphProto.DESCRIPTOR.fields_by_name["initializer"].number
 _RAW_DATA = TensorProto.DESCRIPTOR.fields_by_name["raw_data"]
-_RAW_TAG = _varint(_RAW_DATA.number << 3 | 2)
+_RAW_TAG = encode_varint(_RAW_DATA.number << 3 | 2)
 _EXTERNAL_FIELDS = {"external_data", "data_location"}
 
 
@@ -95,7 +84,7 @@ def _tensor_size(t: TensorProto, store: Held | None) -> int:
     """Serialized size of an initializer (computed without copying its raw data)."""
     if store is not None:  # embedded from the store's file by _write_streamed
         n = store.length(t)
-        return len(_bare(t).SerializeToString()) + len(_RAW_TAG) + len(_varint(n)) + n
+        return len(_bare(t).SerializeToString()) + len(_RAW_TAG) + len(encode_varint(n)) + n
     bare = TensorProto()
     for fd, value in t.ListFields() if not t.HasField("raw_data") else _fields_but_raw(t):
         copy_field(bare, fd, value)
@@ -103,7 +92,7 @@ def _tensor_size(t: TensorProto, store: Held | None) -> int:
         return len(bare.SerializeToString())
     nbytes = tensor_nbytes(t)
     n = len(t.raw_data) if nbytes is None else nbytes
-    return len(bare.SerializeToString()) + 1 + len(_varint(n)) + n
+    return len(bare.SerializeToString()) + 1 + len(encode_varint(n)) + n
 
 
 class _SizeMismatch(Exception):
@@ -136,14 +125,19 @@ def _write_streamed(model: onnx.ModelProto, f: BinaryIO, stores: Sequence[Held])
     head, tail = _split(model, _MODEL_GRAPH_FIELD, onnx.ModelProto)
     g_head, g_tail = _split(model.graph, _GRAPH_INIT_FIELD, onnx.GraphProto)
     g_head_b, g_tail_b = g_head.SerializeToString(), g_tail.SerializeToString()
-    init_tag = _varint(_GRAPH_INIT_FIELD << 3 | 2)
+    init_tag = encode_varint(_GRAPH_INIT_FIELD << 3 | 2)
     holders = [_holder(t, stores) for t in model.graph.initializer]
     sizes = [_tensor_size(t, h) for t, h in zip(model.graph.initializer, holders, strict=True)]
-    graph_len = len(g_head_b) + len(g_tail_b) + sum(len(init_tag) + len(_varint(s)) + s for s in sizes)
+    graph_len = len(g_head_b) + len(g_tail_b) + sum(len(init_tag) + len(encode_varint(s)) + s for s in sizes)
     if graph_len > MAX_PROTOBUF:
         raise OutputError("the model is over 2 GB, protobuf's limit: write it with external data")
     total = 0
-    for piece in (head.SerializeToString(), _varint(_MODEL_GRAPH_FIELD << 3 | 2), _varint(graph_len), g_head_b):
+    for piece in (
+        head.SerializeToString(),
+        encode_varint(_MODEL_GRAPH_FIELD << 3 | 2),
+        encode_varint(graph_len),
+        g_head_b,
+    ):
         f.write(piece)
         total += len(piece)
     buf: bytearray | None = None
@@ -151,10 +145,10 @@ def _write_streamed(model: onnx.ModelProto, f: BinaryIO, stores: Sequence[Held])
     try:
         for t, h, s in zip(model.graph.initializer, holders, sizes, strict=True):
             f.write(init_tag)
-            f.write(_varint(s))
+            f.write(encode_varint(s))
             if h is not None:
                 n = h.length(t)
-                lead = _bare(t).SerializeToString() + _RAW_TAG + _varint(n)
+                lead = _bare(t).SerializeToString() + _RAW_TAG + encode_varint(n)
                 f.write(lead)
                 ref = h.ref(t)
                 if buf is None:
@@ -173,7 +167,7 @@ def _write_streamed(model: onnx.ModelProto, f: BinaryIO, stores: Sequence[Held])
                     raise _SizeMismatch
                 f.write(b)
                 del b
-            total += len(init_tag) + len(_varint(s)) + s
+            total += len(init_tag) + len(encode_varint(s)) + s
     finally:
         for src in sources.values():
             src.close()
