@@ -187,6 +187,20 @@ def _walk(src: _File, minimum: int) -> tuple[bytes, list[tuple[int, int, int]]]:
     return b"".join([head, encode_varint(_MODEL_GRAPH << 3 | LEN), encode_varint(len(graph)), graph, tail]), cuts
 
 
+def count_initializers(path: str) -> int | None:
+    """How many top-level initializers a model file has, from its wire format (None: cannot tell)."""
+    try:
+        with open(path, "rb", buffering=0) as f:
+            src = _File(f.fileno(), os.fstat(f.fileno()).st_size)
+            graphs = [x for x in _fields(src, 0, src.size) if x[0] == _MODEL_GRAPH]
+            if len(graphs) != 1 or graphs[0][1] != LEN:
+                return None
+            _, _, _, start, end = graphs[0]
+            return sum(1 for x in _fields(src, start, end) if x[0] == _GRAPH_INIT)
+    except (_Malformed, OSError):
+        return None
+
+
 def load_in_place(path: str, minimum: int | None = None) -> tuple[onnx.ModelProto, EmbeddedSource] | None:
     """Parse ``path`` leaving top-level initializers of ``minimum`` bytes or more in the file.
 

@@ -1,7 +1,8 @@
 """Verification: run the original and a candidate on the same inputs and decide every output.
 
 Modules, one job each: ``inputs`` (what to feed), ``iofile`` (``--inputs`` / ``--save-io``
-files), ``runners`` (onnxruntime or the numpy ``evaluator``), ``compare`` (array errors),
+files), ``runners`` (onnxruntime or the numpy ``evaluator``), ``segments`` (big graphs run in
+slices), ``compare`` (array errors),
 ``tolerances`` (the rules' constants), ``calibrate`` (the model's own rounding-noise floor),
 ``report`` (rows as data), ``verifier`` (the Verifier), ``blame`` (which folds break it) and
 ``foldcheck`` (verifying a fold run: check, blame, ``--keep-safe``).

@@ -22,8 +22,10 @@ import numpy as np
 import onnx
 
 from bnfold.errors import NotVerifiableError
+from bnfold.onnxio.embedded import count_initializers
 from bnfold.onnxio.tensors import external_entries, is_external, model_tensors, read_external
 from bnfold.verify.evaluator import Evaluator
+from bnfold.verify.segments import SPLIT_MIN_INITIALIZERS, SlicedSession, plan_slices
 
 Feed = dict[str, np.ndarray]
 ModelSource = onnx.ModelProto | str
@@ -153,6 +155,11 @@ class Runner:
         use = {k: v for k, v in feed.items() if k in self._inputs}
         if self.engine != "onnxruntime":
             return self.impl.run(use)
+        if isinstance(self.impl, SlicedSession):
+            missing = [n for n in self._required if n not in use]
+            if missing:
+                raise ValueError(f"Required inputs ({missing}) are missing from input feed")
+            return self.impl.run(use)
         core = getattr(self.impl, "_sess", None)
         if core is None:
             return self.impl.run(None, use)
@@ -195,7 +202,9 @@ def open_ort(src: ModelSource, base_dir: str | None, stack: contextlib.ExitStack
         NoKernel: onnxruntime has no kernel for one of its nodes.
         NotVerifiableError: onnxruntime cannot load it.
     """
-    ort = import_ort()
+    sliced = _open_sliced(src, stack)
+    if sliced is not None:
+        return sliced
     if isinstance(src, onnx.ModelProto):
         if needs_path(src):
             folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="bnfold-verify-"))
@@ -204,15 +213,40 @@ def open_ort(src: ModelSource, base_dir: str | None, stack: contextlib.ExitStack
             arg = src.SerializeToString()
     else:
         arg = src
+    sess = _session(arg)
+    inputs = sess.get_inputs()
+    required = [i.name for i in inputs if not i.type.startswith("optional")]
+    return Runner("onnxruntime", sess, [i.name for i in inputs], [o.name for o in sess.get_outputs()], required)
+
+
+def _session(arg: str | bytes) -> Any:
+    """An onnxruntime session of a model file or serialized model (NoKernel / NotVerifiableError)."""
+    ort = import_ort()
     try:
-        sess = ort.InferenceSession(arg, session_options(), providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(arg, session_options(), providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises its own pybind exception types
         if type(e).__name__ == "NotImplemented" or "NOT_IMPLEMENTED" in str(e):
             raise NoKernel(ort_message(e)) from e
         raise NotVerifiableError(f"onnxruntime cannot load it: {ort_message(e)}") from e
-    inputs = sess.get_inputs()
-    required = [i.name for i in inputs if not i.type.startswith("optional")]
-    return Runner("onnxruntime", sess, [i.name for i in inputs], [o.name for o in sess.get_outputs()], required)
+
+
+def _open_sliced(src: ModelSource, stack: contextlib.ExitStack) -> Runner | None:
+    """A runner of ``src`` cut into slices (:mod:`bnfold.verify.segments`), or None to run it whole."""
+    if isinstance(src, str):
+        count = count_initializers(src)
+        if count is None or count < SPLIT_MIN_INITIALIZERS:
+            return None
+        model = onnx.load(src, load_external_data=False)
+    else:
+        model = src
+    slices = plan_slices(model)
+    if slices is None:
+        return None
+    sessions = [_session(sl.model.SerializeToString()) for sl in slices]
+    names = [i.name for i in model.graph.input]
+    outputs = [o.name for o in model.graph.output]
+    required = [i.name for i in model.graph.input if not i.type.HasField("optional_type")]
+    return Runner("onnxruntime", SlicedSession(slices, sessions, outputs), names, outputs, required)
 
 
 def open_numpy(src: ModelSource, base_dir: str | None) -> Runner:
