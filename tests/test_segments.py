@@ -85,6 +85,7 @@ def test_sliced_outputs_equal_one_session(monkeypatch, n, skips, mids, slice_nod
     rng = np.random.default_rng(seed)
     feed = {k: rng.standard_normal((2, 3)).astype(np.float32) for k in ("x", "late")}
     whole = session(model).run(None, feed)
+    slice_nodes = min(slice_nodes, len(model.graph.node) - 1)  # at least two slices
     for a, b in zip(whole, _sliced_run(model, feed, slice_nodes), strict=True):
         assert a.tobytes() == b.tobytes()
 
