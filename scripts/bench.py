@@ -329,16 +329,7 @@ def run_once(cmd: list[str], timeout: float) -> tuple[float, int, int, str]:
 
 def files_size(path: str) -> int:
     """Model file plus every file its external tensors point at."""
-    m = onnx.load(path, load_external_data=False)
-    folder = os.path.dirname(os.path.abspath(path))
-    locs = {
-        e.value
-        for t in onnx.external_data_helper._get_all_tensors(m)
-        if t.data_location == TensorProto.EXTERNAL
-        for e in t.external_data
-        if e.key == "location"
-    }
-    return os.path.getsize(path) + sum(os.path.getsize(os.path.join(folder, loc)) for loc in locs)
+    return sum(os.path.getsize(f) for f in model_files(path))
 
 
 def latency(paths: list[str], level: str, budget: float) -> list[float]:
@@ -351,21 +342,21 @@ def latency(paths: list[str], level: str, budget: float) -> list[float]:
     return json.loads(out.stdout)
 
 
-def _settle(path: str, warm: bool) -> None:
-    """Start every timed run alike: nothing left to write back, the input's files in the page cache.
+def _settle(files: list[str] | None) -> None:
+    """Start every timed run alike: nothing left to write back, ``files`` read into the page cache.
 
     Without it a run pays for the previous run's writeback (``sync``), and a model over
     2 GB may have been partly evicted between runs.
     """
     os.sync()
-    if warm:
-        for f in _model_files(path):
-            with open(f, "rb", buffering=0) as fh:
-                while fh.read(64 << 20):
-                    pass
+    for f in files or ():
+        with open(f, "rb", buffering=0) as fh:
+            while fh.read(64 << 20):
+                pass
 
 
-def _model_files(path: str) -> list[str]:
+def model_files(path: str) -> list[str]:
+    """The model file and the data files its external tensors name."""
     m = onnx.load(path, load_external_data=False)
     folder = os.path.dirname(os.path.abspath(path))
     locs = {
@@ -381,6 +372,7 @@ def bench_model(label: str, path: str, tools: list[str], repeat: int, timeout: f
     del m
     outs = os.path.join(os.path.dirname(os.path.abspath(path)), "out")
     big = row.size > (1 << 31)
+    warm = model_files(path) if big else None  # over 2 GB: read into the page cache before each run
     if external:
         tools = [*tools, "copy"]  # the disk floor: cp of its files + sync
     for tool in tools:
@@ -390,7 +382,7 @@ def bench_model(label: str, path: str, tools: list[str], repeat: int, timeout: f
             r = row.tools[tool]
             if r.error or (big and k and tool not in ("floor", "bnfold", "copy")):
                 continue  # over 2 GB the peers run once (minutes each)
-            _settle(path, warm=big)
+            _settle(warm)
             folder = os.path.join(outs, tool)
             shutil.rmtree(folder, ignore_errors=True)
             os.makedirs(folder)

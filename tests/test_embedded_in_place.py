@@ -14,6 +14,8 @@ import os
 import numpy as np
 import onnx
 import pytest
+from affine_builders import bn_node, bn_params
+from helpers import assert_same_outputs, run_cli
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
@@ -22,7 +24,6 @@ from bnfold.onnxio import embedded
 from bnfold.onnxio.embedded import EmbeddedSource, load_in_place
 from bnfold.onnxio.load import load_indexed
 from bnfold.onnxio.tensors import is_external, read_external
-from tests.helpers import assert_same_outputs, run_cli
 
 
 def _conv_bn_model(channels: list[int], seed: int = 0, doc_on_weights: bool = False) -> onnx.ModelProto:
@@ -34,17 +35,10 @@ def _conv_bn_model(channels: list[int], seed: int = 0, doc_on_weights: bool = Fa
         w = numpy_helper.from_array(rng.standard_normal((cout, cin, 3, 3)).astype(np.float32), f"w{i}")
         if doc_on_weights:
             w.doc_string = f"weight {i}"  # a field after raw_data: not streamable as is
-        inits.append(w)
-        for name, v in (
-            ("g", rng.uniform(0.5, 1.5, cout)),
-            ("b", rng.standard_normal(cout)),
-            ("m", rng.standard_normal(cout)),
-            ("v", rng.uniform(0.5, 2.0, cout)),
-        ):
-            inits.append(numpy_helper.from_array(v.astype(np.float32), f"{name}{i}"))
+        inits += [w, *bn_params(rng, f"bn{i}", cout)]
         nodes += [
             helper.make_node("Conv", [x, f"w{i}"], [f"c{i}"], pads=[1, 1, 1, 1]),
-            helper.make_node("BatchNormalization", [f"c{i}", f"g{i}", f"b{i}", f"m{i}", f"v{i}"], [f"n{i}"]),
+            bn_node(f"bn{i}", f"c{i}", f"n{i}"),
             helper.make_node("Relu", [f"n{i}"], [f"r{i}"]),
         ]
         x = f"r{i}"
@@ -85,7 +79,7 @@ def test_same_model_as_onnx_load(tmp_path) -> None:
     model, source = lazy
     held = [t.name for t in model.graph.initializer if source.holds(t)]
     assert {"w0", "w1", "w2", "fc"} <= set(held)  # the weights of at least 1 KiB
-    assert "g0" not in held  # 16 floats: parsed as usual
+    assert "bn0.scale" not in held  # 16 floats: parsed as usual
     assert _materialize(model, source) == onnx.load(path)
 
 

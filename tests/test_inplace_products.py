@@ -11,22 +11,13 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+from affine_builders import bn_node, bn_params
+from helpers import assert_close, random_feeds, run, run_cli
 from onnx import TensorProto, helper, numpy_helper
 
 from bnfold.onnxio.buffers import MIN_POOLED
-from tests.helpers import assert_close, random_feeds, run, run_cli
 
 C = 384  # 384 x 384 x 3 x 3 float32 = 5.3 MB: pooled
-
-
-def _bn(prefix: str, c: int, rng: np.random.Generator, scale: float = 1.0) -> list[onnx.TensorProto]:
-    vals = {
-        "g": rng.uniform(0.5, 1.5, c) * scale,
-        "b": rng.standard_normal(c),
-        "m": rng.standard_normal(c) * 0.1,
-        "v": rng.uniform(0.5, 2.0, c),
-    }
-    return [numpy_helper.from_array(v.astype(np.float32), f"{prefix}{k}") for k, v in vals.items()]
 
 
 def _model(case: str, seed: int = 0) -> onnx.ModelProto:
@@ -35,9 +26,11 @@ def _model(case: str, seed: int = 0) -> onnx.ModelProto:
     inits = [numpy_helper.from_array(w, "W")]
     assert w.nbytes >= MIN_POOLED
     nodes = [helper.make_node("Conv", ["x", "W"], ["c1"], pads=[1, 1, 1, 1])]
-    big = 1e38 if case == "overflow" else 1.0  # the first fold overflows float32 and is left
-    inits += _bn("a", C, rng, big)
-    nodes.append(helper.make_node("BatchNormalization", ["c1", "ag", "ab", "am", "av"], ["y1"]))
+    first = bn_params(rng, "a", C)
+    if case == "overflow":  # the first fold overflows float32 and is left
+        first[0] = numpy_helper.from_array(numpy_helper.to_array(first[0]) * np.float32(1e38), "a.scale")
+    inits += first
+    nodes.append(bn_node("a", "c1", "y1"))
     if case in ("shared", "overflow"):
         # The same weight read by a second Conv+BN: it must fold from the original values.
         nodes.append(helper.make_node("Conv", ["x", "W"], ["c2"], pads=[1, 1, 1, 1]))
@@ -47,8 +40,8 @@ def _model(case: str, seed: int = 0) -> onnx.ModelProto:
             helper.make_node("Identity", ["W"], ["W2"]),
             helper.make_node("Conv", ["x", "W2"], ["c2"], pads=[1, 1, 1, 1]),
         ]
-    inits += _bn("b", C, rng)
-    nodes.append(helper.make_node("BatchNormalization", ["c2", "bg", "bb", "bm", "bv"], ["y2"]))
+    inits += bn_params(rng, "b", C)
+    nodes.append(bn_node("b", "c2", "y2"))
     graph = helper.make_graph(
         nodes,
         "g",

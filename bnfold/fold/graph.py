@@ -122,6 +122,7 @@ class GraphView:
         self.inputs = {i.name for i in graph.input}
         self.outputs = {o.name for o in graph.output}
         self._cache: dict[str, np.ndarray | None] = {}
+        self._has_subgraphs: bool | None = None  # see owns_initializer
         # Tensors left non-constant because evaluating them would pass the size bound: why.
         self.oversized: dict[str, str] = {}
         # Per-view memo tables of derived facts (ranks along chains, ...), by kind.
@@ -255,15 +256,15 @@ class GraphView:
         """``name`` is an initializer of this top-level graph, which holds no subgraph (no other view reads it)."""
         if self.outer is not None or name not in self.initializers:
             return False
-        has = self.memo.setdefault("has_subgraphs", {})
-        if "" not in has:
-            has[""] = any(True for n in self.nodes for _ in subgraphs(n))
-        return not has[""]
+        if self._has_subgraphs is None:  # folds never add one: computed once
+            self._has_subgraphs = any(True for n in self.nodes for _ in subgraphs(n))
+        return not self._has_subgraphs
 
     def forget_constants_sharing(self, value: np.ndarray) -> None:
         """Drop every cached constant whose memory overlaps ``value`` (about to be overwritten)."""
+        # An array that owns its memory (no base) is never a view of another one's buffer.
         for name, v in list(self._cache.items()):
-            if isinstance(v, np.ndarray) and np.may_share_memory(v, value):
+            if isinstance(v, np.ndarray) and v.base is not None and np.may_share_memory(v, value):
                 del self._cache[name]
 
     def reject_if_oversized(self, name: str) -> None:

@@ -213,48 +213,35 @@ def load_in_place(path: str, minimum: int | None = None) -> tuple[onnx.ModelProt
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
     except OSError:
         return None
-    try:
-        st = os.fstat(fd)
-        data, cuts = _walk(_File(fd, st.st_size), IN_PLACE_MIN if minimum is None else minimum)
-    except (_Malformed, OSError):
+    try:  # one descriptor for the walk and for the raw data read back
+        src = _File(fd, os.fstat(fd).st_size)
+        data, cuts = _walk(src, IN_PLACE_MIN if minimum is None else minimum)
+        if not cuts:
+            return None
+        model = onnx.ModelProto.FromString(data)
+        source = EmbeddedSource(path, {})
+        inits = model.graph.initializer
+        restore = []
+        for offset, length, k in cuts:
+            if k >= len(inits):
+                return None
+            t = inits[k]
+            if _carries_over(t, length):
+                set_external(t, source.location, offset, length)
+                source.spans[offset] = length
+            else:
+                restore.append((t, offset, length))
+        if not source.spans:
+            return None
+        # A model file that is a link, a hard link or unreadable is not read as its own data.
+        source.ref(next(t for t in inits if source.holds(t)))
+        for t, offset, length in restore:
+            t.raw_data = src.take(offset, length)
+        return model, source
+    except (_Malformed, OSError, DecodeError, RuntimeError, ValueError, ModelLoadError):
         return None
     finally:
         os.close(fd)
-    if not cuts:
-        return None
-    try:
-        model = onnx.ModelProto.FromString(data)
-    except (DecodeError, RuntimeError, ValueError):
-        return None
-    source = EmbeddedSource(path, {})
-    inits = model.graph.initializer
-    restore = []
-    for offset, length, k in cuts:
-        if k >= len(inits):
-            return None
-        t = inits[k]
-        if _carries_over(t, length):
-            set_external(t, source.location, offset, length)
-            source.spans[offset] = length
-        else:
-            restore.append((t, offset, length))
-    if source.spans:
-        probe = next(t for t in inits if source.holds(t))
-        try:  # a model file that is a link, a hard link or unreadable is not read as its own data
-            source.ref(probe)
-        except ModelLoadError:
-            return None
-    if restore:
-        with open(path, "rb", buffering=0) as f:
-            src = _File(f.fileno(), st.st_size)
-            for t, offset, length in restore:
-                try:
-                    t.raw_data = src.take(offset, length)
-                except _Malformed:
-                    return None
-    if not source.spans:
-        return None
-    return model, source
 
 
 def _carries_over(t: TensorProto, length: int) -> bool:

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import os
 import secrets
 import stat
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -86,7 +87,22 @@ def remove_quietly(path: str) -> None:
 
 
 _SYNC_FILE_RANGE_WRITE = 2  # <linux/fs.h>: start writeback of the range, do not wait
-_sync_file_range: object = None  # the libc function once looked up; False where there is none
+
+
+@functools.cache
+def _sync_file_range() -> Callable[..., int] | None:
+    """libc's ``sync_file_range`` (Linux), looked up once; None elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes  # only here: a startup cost every other command would pay
+
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn  # type: ignore[no-any-return]
 
 
 def start_writeback(fd: int, offset: int, length: int) -> bool:
@@ -96,22 +112,10 @@ def start_writeback(fd: int, offset: int, length: int) -> bool:
     the rest is written (Linux ``sync_file_range``).  Advisory only: False where it is
     not available or failed; the fsync still makes the data durable.
     """
-    global _sync_file_range
-    if _sync_file_range is None:
-        _sync_file_range = False
-        if sys.platform.startswith("linux"):
-            try:
-                import ctypes  # only here: a startup cost every other command would pay
-
-                fn = ctypes.CDLL(None, use_errno=True).sync_file_range
-                fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-                fn.restype = ctypes.c_int
-                _sync_file_range = fn
-            except (OSError, AttributeError):
-                pass
-    if not _sync_file_range:
+    fn = _sync_file_range()
+    if fn is None:
         return False
-    return length <= 0 or _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE) == 0  # type: ignore[operator]
+    return length <= 0 or fn(fd, offset, length, _SYNC_FILE_RANGE_WRITE) == 0
 
 
 def fsync_path(path: str) -> None:

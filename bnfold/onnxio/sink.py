@@ -111,10 +111,14 @@ class DataSink:
             return None
         if source is not None:
             return source if self._external is not None and self._external.owns(source) else None
+        self._wait_for_room(nbytes)
+        return self._pool.array(shape, dtype)
+
+    def _wait_for_room(self, nbytes: int) -> None:
+        """Block while ``nbytes`` more would pass ``max_pending`` beside the values still being written."""
         with self._cv:
             while self._pending and self._pending + nbytes > self._max_pending:
                 self._cv.wait()
-        return self._pool.array(shape, dtype)
 
     def put(self, t: TensorProto, value: np.ndarray, name: str) -> bool:
         """Write ``value`` for tensor ``t`` (renamed ``name``) when it is big enough; True if taken."""
@@ -134,9 +138,8 @@ class DataSink:
         else:
             offset = self.size
             self.size += buf.nbytes
+        self._wait_for_room(buf.nbytes)
         with self._cv:
-            while self._pending and self._pending + buf.nbytes > self._max_pending:
-                self._cv.wait()
             self._pending += buf.nbytes
         self._queue.put((buf, offset))
         self._raise()

@@ -155,19 +155,16 @@ class Runner:
         use = {k: v for k, v in feed.items() if k in self._inputs}
         if self.engine != "onnxruntime":
             return self.impl.run(use)
-        if isinstance(self.impl, SlicedSession):
-            missing = [n for n in self._required if n not in use]
-            if missing:
-                raise ValueError(f"Required inputs ({missing}) are missing from input feed")
-            return self.impl.run(use)
-        core = getattr(self.impl, "_sess", None)
+        core = self.impl if isinstance(self.impl, SlicedSession) else getattr(self.impl, "_sess", None)
         if core is None:
             return self.impl.run(None, use)
         # InferenceSession.run checks the feed with `name in list(feed)` per input: quadratic in
-        # the number of inputs.  The same check with a set, then the C++ session directly.
+        # the number of inputs.  The same check with a set, then the C++ session(s) directly.
         missing = [n for n in self._required if n not in use]
         if missing:
             raise ValueError(f"Required inputs ({missing}) are missing from input feed")
+        if isinstance(core, SlicedSession):
+            return core.run(use)
         return core.run(self.output_names, use, None)
 
 

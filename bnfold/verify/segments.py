@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import onnx
 
+from bnfold.fold.graph import subgraphs
 from bnfold.onnxio.load import skeleton
 from bnfold.onnxio.tensors import is_external, model_tensors
 
@@ -43,17 +44,12 @@ class Slice:
     drop: tuple[str, ...]  # values read here for the last time
 
 
-def _has_subgraphs(model: onnx.ModelProto) -> bool:
-    return any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in model.graph.node
-               for a in n.attribute)  # fmt: skip
-
-
 def plan_slices(model: onnx.ModelProto, slice_nodes: int = SLICE_NODES) -> list[Slice] | None:
     """The slices of ``model``, or None when it is small or not a plain graph (see the module docstring)."""
     g = model.graph
     if len(g.initializer) < SPLIT_MIN_INITIALIZERS or len(g.node) <= slice_nodes:
         return None
-    if model.functions or g.sparse_initializer or _has_subgraphs(model):
+    if model.functions or g.sparse_initializer or any(True for n in g.node for _ in subgraphs(n)):
         return None
     if any(is_external(t) for t, _ in model_tensors(model)):
         return None
